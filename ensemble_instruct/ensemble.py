@@ -1,0 +1,135 @@
+"""The ensemble step: keep an instance only when its candidate outputs agree.
+
+Candidates per instance: the generator's own output first, then each extra model's, in config
+order. Rule 1 (exact): a normalized non-empty text shared by >= 2 candidates wins (largest group;
+ties go to the group whose first member comes first), and we keep the original text of that
+group's first member. Rule 2 (rouge): otherwise, if every pairwise ROUGE-L F1 (Porter stemming,
+on the normalized texts) is > threshold, keep the candidate with the largest summed agreement
+(ties: earliest). Otherwise drop. An empty output is never kept.
+"""
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass, field
+from itertools import combinations
+
+import numpy as np
+
+from .errors import UserError
+from .similarity import Vocab, encode_texts, rouge_pairs_encoded
+
+_PUNCT = str.maketrans("", "", string.punctuation)
+_WS = re.compile(r"\s+")
+
+
+def normalize(text: str) -> str:
+    """Lowercase, drop ASCII punctuation, collapse whitespace."""
+    return _WS.sub(" ", text.lower().translate(_PUNCT)).strip()
+
+
+@dataclass
+class Decision:
+    kept: bool
+    rule: str  # "exact", "rouge", "below_threshold"
+    winner: int | None  # index of the kept candidate
+    output: str | None
+    scores: dict[str, float] = field(default_factory=dict)  # "i-j" -> ROUGE-L F1 (rouge rule)
+    group: list[int] = field(default_factory=list)  # members of the exact-match group
+
+
+def exact_group(norms: list[str]) -> list[int]:
+    """Members of the largest group of equal non-empty normalized texts (>= 2), else []."""
+    groups: dict[str, list[int]] = {}
+    for i, n in enumerate(norms):
+        if n:
+            groups.setdefault(n, []).append(i)
+    best: list[int] = []
+    for members in groups.values():  # dict order = order of each group's first member
+        if len(members) >= 2 and len(members) > len(best):
+            best = members
+    return best
+
+
+def ensemble(candidates: list[list[str]], threshold: float = 0.01, workers: int = -1) -> list[Decision]:
+    """One Decision per instance; candidates[k] holds instance k's N >= 3 outputs."""
+    if any(len(c) < 3 for c in candidates):
+        raise ValueError("the ensemble needs at least 3 candidate outputs per instance")
+    decisions: list[Decision | None] = [None] * len(candidates)
+    need_rouge: list[int] = []
+    norms_all = [[normalize(t) for t in cands] for cands in candidates]
+    for k, norms in enumerate(norms_all):
+        group = exact_group(norms)
+        if group:
+            w = group[0]
+            decisions[k] = Decision(True, "exact", w, candidates[k][w], group=group)
+        else:
+            need_rouge.append(k)
+
+    # Rule 2, batched per candidate-count: encode once, then one cpdist per pair (i, j).
+    by_n: dict[int, list[int]] = {}
+    for k in need_rouge:
+        by_n.setdefault(len(candidates[k]), []).append(k)
+    vocab = Vocab()
+    for n, ks in by_n.items():
+        enc = [encode_texts([norms_all[k][i] for k in ks], True, vocab) for i in range(n)]
+        pairs = list(combinations(range(n), 2))
+        scores = {(i, j): rouge_pairs_encoded(enc[i], enc[j], workers) for i, j in pairs}
+        for row, k in enumerate(ks):
+            s = {f"{i}-{j}": float(scores[i, j][row]) for i, j in pairs}
+            if min(s.values()) > threshold:
+                sums = np.zeros(n)
+                for (i, j) in pairs:
+                    sums[i] += scores[i, j][row]
+                    sums[j] += scores[i, j][row]
+                w = int(np.argmax(sums))  # first maximum: ties go to the earliest
+                decisions[k] = Decision(True, "rouge", w, candidates[k][w], scores=s)
+            else:
+                decisions[k] = Decision(False, "below_threshold", None, None, scores=s)
+    return decisions  # type: ignore[return-value]
+
+
+def align(instances: list[dict], outputs: list[list[dict]], names: list[str]) -> list[list[str]]:
+    """Candidate lists per instance: the instance's own output, then each outputs file's.
+    Matched by `id` when every record has one, else line by line."""
+    if not instances:
+        raise UserError(f"{names[0]}: no instances (empty file)")
+    by_id = all("id" in r for r in instances) and all("id" in r for o in outputs for r in o)
+    columns = []
+    for name, recs in zip(names[1:], outputs):
+        if not recs:
+            raise UserError(f"{name}: no outputs (empty file)")
+        if by_id:
+            table = {r["id"]: r for r in recs}
+            missing = [r["id"] for r in instances if r["id"] not in table]
+            if missing or len(table) != len(instances):
+                extra = [i for i in table if i not in {r["id"] for r in instances}]
+                what = f"no output for id {missing[0]!r}" if missing else f"unknown id {extra[0]!r}"
+                raise UserError(f"{name}: ids do not match {names[0]}: {what}")
+            recs = [table[r["id"]] for r in instances]
+        elif len(recs) != len(instances):
+            raise UserError(f"{name}: {len(recs)} outputs for {len(instances)} instances in {names[0]}")
+        for n, (inst, rec) in enumerate(zip(instances, recs), 1):
+            if "instruction" in rec and rec["instruction"] != inst.get("instruction"):
+                raise UserError(f"{name}: record {n}: instruction differs from {names[0]}")
+            if not isinstance(rec.get("output"), str):
+                raise UserError(f"{name}: record {n}: missing string 'output'")
+        columns.append([r["output"] for r in recs])
+    for n, inst in enumerate(instances, 1):
+        for key in ("instruction", "output"):
+            if not isinstance(inst.get(key), str):
+                raise UserError(f"{names[0]}: record {n}: missing string '{key}'")
+    return [[inst["output"], *(col[k] for col in columns)] for k, inst in enumerate(instances)]
+
+
+def decision_record(instance: dict, d: Decision, sources: list[str]) -> dict:
+    """What we write for an instance: its fields, the kept output, and why."""
+    rec = {k: instance[k] for k in ("id", "type") if k in instance}
+    rec.update(instruction=instance["instruction"], input=instance.get("input", ""),
+               output=d.output, rule=d.rule,
+               source=sources[d.winner] if d.winner is not None else None)
+    if d.group:
+        rec["agreeing"] = [sources[i] for i in d.group]
+    if d.scores:
+        rec["scores"] = d.scores
+    return rec

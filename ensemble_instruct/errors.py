@@ -1,0 +1,5 @@
+"""One exception type for anything the user can fix; the CLI prints it as one line."""
+
+
+class UserError(Exception):
+    """Bad input, config or environment: shown as `error: <message>`, exit code 2."""

@@ -1,0 +1,85 @@
+"""JSONL files that survive a crash: append-only, one flushed write per batch, torn tail dropped.
+
+Every record has a stable `id`. A stage reads what is already on disk, skips those ids, and
+appends the rest, so a killed run resumes without duplicates or gaps.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+from .errors import UserError
+
+
+def read_jsonl(path: str | Path, repair: bool = False) -> list[dict]:
+    """All records of a JSONL file. A last line without its newline is a write cut short by a
+    crash: it is ignored (and cut off the file when `repair`). Any other bad line is an error."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read: {e.strerror}") from None
+    complete = data.rfind(b"\n") + 1
+    if complete < len(data) and repair:
+        with open(path, "r+b") as f:
+            f.truncate(complete)
+    records = []
+    for n, line in enumerate(data[:complete].split(b"\n")[:-1], 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}:{n}: not valid JSON ({e.args[0].split(':')[0]})") from None
+        if not isinstance(rec, dict):
+            raise UserError(f"{path}:{n}: expected a JSON object")
+        records.append(rec)
+    return records
+
+
+def dumps(record: dict) -> str:
+    # Fixed key order and separators: the same records give the same bytes on every run.
+    return json.dumps(record, ensure_ascii=False, separators=(", ", ": "))
+
+
+def append_jsonl(path: str | Path, records: Iterable[dict]) -> None:
+    """Append records with one write and an fsync, so a batch lands whole or as a torn tail."""
+    text = "".join(dumps(r) + "\n" for r in records)
+    if not text:
+        return
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise UserError(f"{path}: cannot write: {e.strerror}") from None
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
+    """Replace a file atomically (write a temp file, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(dumps(r) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write: {e.strerror}") from None
+
+
+def write_json(path: str | Path, obj) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write: {e.strerror}") from None

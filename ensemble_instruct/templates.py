@@ -1,0 +1,50 @@
+"""Prompt templates: plain text files in templates/, filled with seed and machine data."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .errors import UserError
+from .seeds import SeedTask
+
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
+EOS = "|EoS|"
+_FIELD = re.compile(r"\{(\w+)\}")
+
+
+def load(name: str, directory: str | Path | None = None) -> str:
+    path = Path(directory or TEMPLATE_DIR) / name
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: template not found") from None
+    return text[:-1] if text.endswith("\n") else text
+
+
+def fill(template: str, **values: str) -> str:
+    """Replace {field}s in one pass, so data that contains braces is never re-expanded."""
+    def sub(m: re.Match) -> str:
+        if m.group(1) not in values:
+            return m.group(0)
+        return str(values[m.group(1)])
+    return _FIELD.sub(sub, template)
+
+
+def instruction_prompt(template: str, instructions: list[str]) -> str:
+    """Numbered list `N. text |EoS|`, then `k+1.` for the model to continue."""
+    tasks = "".join(f"{n}. {text} {EOS}\n" for n, text in enumerate(instructions, 1))
+    return fill(template, tasks=tasks, next=str(len(instructions) + 1))
+
+
+def demo_block(task: SeedTask, with_input: bool) -> str:
+    if with_input:
+        return f"instruction: {task.instruction}\ninput: {task.input}\noutput: {task.output}\n{EOS}\n\n"
+    return f"instruction: {task.instruction}\noutput: {task.output}\n{EOS}\n\n"
+
+
+def instance_prompt(template: str, demos: list[SeedTask], instruction: str, with_input: bool) -> str:
+    return fill(template, demos="".join(demo_block(d, with_input) for d in demos), instruction=instruction)
+
+
+def output_prompt(template: str, instruction: str, input: str) -> str:
+    return fill(template, instruction=instruction, input=input).rstrip("\n")

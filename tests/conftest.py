@@ -1,0 +1,37 @@
+import os
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+SEEDS = ROOT / "seeds" / "seed_tasks.jsonl"
+sys.path.insert(0, str(ROOT))
+
+WORDS = ("the a an cat cats dog dogs running runs run ran quickly quick write writes writing "
+         "generous generously generate generation generated list lists listing summary summarize "
+         "summarizing happy happiness happily 42 7 x y z caring cares care connect connected "
+         "connection relational relate relating").split()
+
+
+def random_text(rng: random.Random, lo: int = 0, hi: int = 12) -> str:
+    n = rng.randint(lo, hi)
+    out = []
+    for _ in range(n):
+        w = rng.choice(WORDS)
+        r = rng.random()
+        if r < 0.1:
+            w = w.upper()
+        elif r < 0.2:
+            w += rng.choice([",", ".", "!", "'s", "-", "—", "é", "ß"])
+        elif r < 0.23:
+            w = rng.choice(["...", "日本", "ÉCOLE", "naïve", "\t", "İstanbul", "ﬁne"])
+        out.append(w)
+    return rng.choice([" ", "  ", "\n"]).join(out)
+
+
+@pytest.fixture
+def rng():
+    return random.Random(1234)

@@ -1,0 +1,93 @@
+import json
+
+import pytest
+
+from conftest import SEEDS
+from ensemble_instruct.errors import UserError
+from ensemble_instruct.filters import process_completion, reject_reason, split_items
+from ensemble_instruct.parsing import parse_instance
+from ensemble_instruct.seeds import load_seeds, split_types
+from ensemble_instruct import templates
+
+
+def test_seed_split_125_50():
+    tasks = load_seeds(SEEDS)
+    parts = split_types(tasks)
+    assert len(tasks) == 175 and len(parts["A"]) == 125 and len(parts["B"]) == 50
+
+
+@pytest.mark.parametrize("content,expected", [
+    ("", "no seed tasks"),
+    ('{"instruction": "x", "instances": [{"input": "", "output": "y"}]}\n{bad json\n', ":2: not valid JSON"),
+    ('{"instances": [{"input": "", "output": "y"}]}\n', ":1: missing or empty 'instruction'"),
+    ('{"instruction": "x"}\n', ":1: missing or empty 'instances'"),
+    ('[1, 2]\n', ":1: expected a JSON object"),
+])
+def test_bad_seed_files(tmp_path, content, expected):
+    p = tmp_path / "seeds.jsonl"
+    p.write_text(content)
+    with pytest.raises(UserError, match=expected.replace("(", r"\(").replace("[", r"\[")):
+        load_seeds(p)
+    with pytest.raises(UserError, match="not found"):
+        load_seeds(tmp_path / "missing.jsonl")
+
+
+def test_split_items_and_eos():
+    c = " Write a haiku about a dog watching a sunset. |EoS|\n26. Summarize the   text\nbelow in one line. |EoS|\n27."
+    assert split_items(c) == ["Write a haiku about a dog watching a sunset.",
+                              "Summarize the text below in one line."]
+    assert split_items("") == []
+    assert split_items("\n3. Only the second item here |EoS|") == ["Only the second item here"]
+
+
+@pytest.mark.parametrize("item,reason", [
+    ("Tell a joke.", "too_short"),
+    ("Tell me a joke.", None),
+    ("one two three", "too_short"),
+    ("Name four big rivers", None),
+    (" ".join(["word"] * 151), "too_long"),
+    (" ".join(["word"] * 150), None),
+    ("Describe the image of a cat in detail.", "blocked_word"),
+    ("Look at these Graphs and explain them", "blocked_word"),
+    ("Tell me how to go to the station", "blocked_word"),
+    ("Explain how a mapping function works in Python", None),  # map only as a whole word
+    ("Write a program that sorts numbers", "write_a_program"),
+    ("- List some good fruit to eat", "starts_with_punctuation"),
+    ("Écris une phrase en français ici", "starts_non_ascii"),
+    ("Summarize a news article in three sentences.", None),
+])
+def test_reject_reasons(item, reason):
+    assert reject_reason(item) == reason
+
+
+def test_process_completion_reports_reason_per_item():
+    assert process_completion("Draw a cat for me please |EoS|") == [("Draw a cat for me please", "blocked_word")]
+
+
+def test_parse_type_a():
+    p = parse_instance(" The sky is blue.\noutput: Positive\n", True)
+    assert (p.input, p.output, p.reason) == ("The sky is blue.", "Positive", None)
+    code = " [3, 1, 2]\noutput:\ndef f(x):\n    return sorted(x)\n\nprint(f([3, 1, 2]))\n|EoS|\ninstruction: next"
+    p = parse_instance(code, True)
+    assert p.output == "def f(x):\n    return sorted(x)\n\nprint(f([3, 1, 2]))" and p.reason is None
+    assert parse_instance(" just text, no output field", True).reason == "no_output_field"
+    assert parse_instance(" some input\noutput:   \n", True).reason == "empty_output"
+    assert parse_instance("\noutput: x", True).reason == "empty_input"
+    assert parse_instance(" in\nOutput: stops here\ninstruction: another task", True).output == "stops here"
+
+
+def test_parse_type_b():
+    p = parse_instance(" 1. Apples\n2. Pears\n|EoS|", False)
+    assert (p.output, p.reason) == ("1. Apples\n2. Pears", None)
+    assert parse_instance("   |EoS|", False).reason == "empty_output"
+    assert parse_instance("bad \ufffd bytes", False).reason == "invalid_text"
+
+
+def test_templates_fill_without_reexpanding_data():
+    tasks = load_seeds(SEEDS)
+    a = split_types(tasks)["A"]
+    t = templates.load("instances_A.txt")
+    prompt = templates.instance_prompt(t, a[:2], "Use {demos} literally", True)
+    assert prompt.count("|EoS|") == 2 and prompt.endswith("instruction: Use {demos} literally\ninput:")
+    p = templates.instruction_prompt(templates.load("instructions_B.txt"), ["x y z w", "a b c d"])
+    assert "1. x y z w |EoS|\n2. a b c d |EoS|\n3." in p and p.endswith("3.")

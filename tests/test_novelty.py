@@ -1,0 +1,68 @@
+import random
+
+import numpy as np
+from rouge_score import rouge_scorer
+
+from conftest import SEEDS
+from ensemble_instruct.novelty import filter_novel, novelty_scores
+from ensemble_instruct.seeds import load_seeds
+
+
+def make_candidates(seeds, n, rng):
+    """Repeats, near-repeats and recombinations of seed texts: some rejected, most kept."""
+    out = []
+    for _ in range(n):
+        a, b = rng.choice(seeds).split(), rng.choice(seeds).split()
+        r = rng.random()
+        if r < 0.15:
+            words = a
+        elif r < 0.35:
+            words = [w for w in a if rng.random() > 0.15]
+        else:
+            words = a[: rng.randint(1, len(a))] + b[rng.randint(0, len(b) - 1):]
+        out.append(" ".join(words))
+    return out
+
+
+def reference(candidates, existing, threshold=0.7):
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    pool, res = list(existing), []
+    for c in candidates:
+        scores = [scorer.score(c, p)["rougeL"].fmeasure for p in pool]
+        if scores and max(scores) > threshold:
+            res.append((False, None, None))
+            continue
+        top = sorted(scores, reverse=True)[:10]
+        res.append((True, top, float(np.mean(scores)) if scores else 0.0))
+        pool.append(c)
+    return res
+
+
+def test_same_decisions_and_scores_as_rouge_score_loop():
+    rng = random.Random(7)
+    seeds = [t.instruction for t in load_seeds(SEEDS)]
+    cands = make_candidates(seeds, 700, rng)
+    ref = reference(cands, seeds)
+    ours = novelty_scores(cands, seeds, block=64)  # small blocks: exercise block boundaries
+    assert [n.keep for n in ours] == [r[0] for r in ref]
+    assert 50 < sum(n.keep for n in ours) < 690  # the set really mixes kept and rejected
+    for n, (keep, top, mean) in zip(ours, ref):
+        if keep:
+            assert sorted(n.most_similar.values(), reverse=True) == top[: len(n.most_similar)]
+            assert n.mean_score == mean
+    assert filter_novel(cands, seeds) == [r[0] for r in ref]
+
+
+def test_threshold_is_strict_and_pool_includes_kept_candidates():
+    # 7/10 overlap scores exactly 0.7: kept (reject only when > 0.7).
+    base = "a b c d e f g h i j"
+    assert filter_novel(["a b c d e f g x y z"], [base]) == [True]
+    assert filter_novel(["a b c d e f g h x y"], [base]) == [False]
+    # the second candidate copies the first kept one
+    assert filter_novel(["one two three four", "one two three four"], []) == [True, False]
+
+
+def test_no_existing_and_no_candidates():
+    assert filter_novel([], ["x"]) == []
+    n = novelty_scores(["hello world there"], [])[0]
+    assert n.keep and n.most_similar == {} and n.mean_score == 0.0
