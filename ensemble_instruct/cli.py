@@ -49,7 +49,6 @@ def generate(
     from . import pipeline, report
 
     run = _open(config, out, force, num_instructions=num_instructions, seed=seed)
-    typer.echo(f"run directory: {run.dir}", err=True)
     pipeline.generate(run)
     report.print_summary(run.dir)
 

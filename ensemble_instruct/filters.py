@@ -35,6 +35,8 @@ def reject_reason(item: str) -> str | None:
         return "starts_with_punctuation"
     if not item[0].isascii():
         return "starts_non_ascii"
+    if "\ufffd" in item:  # bytes the model emitted that are not UTF-8
+        return "invalid_text"
     return None
 
 

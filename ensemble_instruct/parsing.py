@@ -7,6 +7,7 @@ stops at `|EoS|` or where the model starts another `instruction:` block.
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass
 
 from .templates import EOS
@@ -28,13 +29,22 @@ def _cut(text: str) -> str:
     return text[: m.start()] if m else text
 
 
+def repetitive(text: str) -> bool:
+    """A model stuck in a loop: long text that compresses to under a tenth of its size
+    (ordinary prose and code compress to 30-60%)."""
+    data = text.encode("utf-8")
+    return len(data) >= 200 and len(zlib.compress(data)) < 0.1 * len(data)
+
+
 def parse_instance(completion: str, with_input: bool) -> Parsed:
     text = _cut(completion.replace("\r\n", "\n"))
     if "\ufffd" in text:  # undecodable bytes from the model
         return Parsed("", "", "invalid_text")
     if not with_input:
         out = text.strip()
-        return Parsed("", out, None if out else "empty_output")
+        if not out:
+            return Parsed("", out, "empty_output")
+        return Parsed("", out, "repetitive" if repetitive(out) else None)
     m = _OUTPUT.search(text)
     if not m:
         return Parsed(text.strip(), "", "no_output_field")
@@ -43,4 +53,6 @@ def parse_instance(completion: str, with_input: bool) -> Parsed:
         return Parsed(inp, out, "empty_input")
     if not out:
         return Parsed(inp, out, "empty_output")
+    if repetitive(out) or repetitive(inp):
+        return Parsed(inp, out, "repetitive")
     return Parsed(inp, out, None)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from . import templates
 from .backends import Backend, Completion, Decoding, PromptTooLong, check_installed, load_backend
-from .config import ROOT, Config, ModelCard, file_hash, load_card, load_config
+from .config import ROOT, Config, ModelCard, check_weights, file_hash, load_card, load_config
 from .ensemble import decision_record, ensemble
 from .errors import Interrupted, UserError
 from .filters import process_completion
@@ -133,8 +133,10 @@ def open_run(config: Path | None, out: Path | None, num_instructions: int | None
     names = [c.name for c, _ in [generator, *extras]]
     if len(set(names[1:])) != len(names) - 1:
         raise UserError("each extra model must be a different card (names repeat)")
-    for card, path in [generator, *extras]:
-        check_installed(card, path)  # fail before any stage, not hours into the run
+    for card, path in [generator, *extras]:  # fail before any stage, not hours into the run
+        check_installed(card, path)
+        check_weights(card, path)
+    seeds = split_types(load_seeds(cfg.path(cfg.seeds_file)))
     out = out or ROOT / "runs" / (Path(config).stem if config else "run")
     fp = _fingerprint(cfg, [generator, *extras])
     if existing is not None:
@@ -149,9 +151,8 @@ def open_run(config: Path | None, out: Path | None, num_instructions: int | None
         probe.unlink()
     except OSError as e:
         raise UserError(f"{out}: run directory is not writable ({e.strerror})") from None
-    seeds = split_types(load_seeds(cfg.path(cfg.seeds_file)))
     manifest = existing or {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "timings": {}, "events": []}
-    manifest.update(fingerprint=fp, seed=cfg.seed, versions=_versions(), run_dir=str(out))
+    manifest.update(fingerprint=fp, seed=cfg.seed, versions=_versions())
     run = Run(out, cfg, generator, extras, seeds, manifest)
     run.save_manifest()
     return run

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 from typing import Iterable
 
@@ -33,8 +34,10 @@ def read_jsonl(path: str | Path, repair: bool = False) -> list[dict]:
             continue
         try:
             rec = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}:{n}: not valid JSON ({e.args[0].split(':')[0]})") from None
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno})") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{path}:{n}: not UTF-8 text") from None
         if not isinstance(rec, dict):
             raise UserError(f"{path}:{n}: expected a JSON object")
         records.append(rec)
@@ -46,6 +49,15 @@ def dumps(record: dict) -> str:
     return json.dumps(record, ensure_ascii=False, separators=(", ", ": "))
 
 
+def _crash_here(event: str, path: Path) -> bool:
+    """Test hook for the crash tests: ENSEMBLE_INSTRUCT_KILL_AT=EVENT:FILENAME."""
+    return os.environ.get("ENSEMBLE_INSTRUCT_KILL_AT") == f"{event}:{Path(path).name}"
+
+
+def _sigkill() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def append_jsonl(path: str | Path, records: Iterable[dict]) -> None:
     """Append records with one write and an fsync, so a batch lands whole or as a torn tail."""
     text = "".join(dumps(r) + "\n" for r in records)
@@ -53,6 +65,11 @@ def append_jsonl(path: str | Path, records: Iterable[dict]) -> None:
         return
     try:
         with open(path, "a", encoding="utf-8") as f:
+            if _crash_here("torn", path):  # a power cut in the middle of a write
+                f.write(text[: len(text) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+                _sigkill()
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -73,6 +90,8 @@ def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
         os.replace(tmp, path)
     except OSError as e:
         raise UserError(f"{path}: cannot write: {e.strerror}") from None
+    if _crash_here("after", path):
+        _sigkill()
 
 
 def write_json(path: str | Path, obj) -> None:

@@ -1,5 +1,6 @@
 import os
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -35,3 +36,19 @@ def random_text(rng: random.Random, lo: int = 0, hi: int = 12) -> str:
 @pytest.fixture
 def rng():
     return random.Random(1234)
+
+
+def run_generate(out, *extra, env=None, config=None):
+    """`run.py generate` in a subprocess, on the CI preset (the embedded tiny models)."""
+    argv = [sys.executable, str(ROOT / "run.py"), "generate", "-c", str(config or ROOT / "configs" / "ci.toml"),
+            "--out", str(out), *map(str, extra)]
+    return subprocess.run(argv, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory):
+    """One uninterrupted CI-preset run that other runs are compared with, byte for byte."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    r = run_generate(out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out

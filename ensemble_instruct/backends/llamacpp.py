@@ -5,7 +5,7 @@ import gc
 import os
 from pathlib import Path
 
-from ..config import ModelCard, resolve_weights
+from ..config import ModelCard, check_gguf, resolve_weights
 from ..errors import UserError
 from . import Completion, Decoding, PromptTooLong
 
@@ -17,9 +17,7 @@ class LlamaCppBackend:
         import llama_cpp
 
         self.card = card
-        with open(path, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise UserError(f"{path}: not a GGUF file")
+        check_gguf(path)
         threads = card.threads or os.cpu_count() or 1
         try:
             self.llm = llama_cpp.Llama(

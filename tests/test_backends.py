@@ -1,0 +1,123 @@
+"""Backends on real weights: the tiny GGUFs from PyPI and a tiny T5 built here."""
+import pytest
+
+from conftest import ROOT
+from ensemble_instruct.backends import Decoding, PromptTooLong, load_backend, trim_at_stop
+from ensemble_instruct.config import ModelCard, load_card
+from ensemble_instruct.errors import UserError
+
+pytestmark = pytest.mark.models
+PROMPT = "1. Write a poem about the sea. |EoS|\n2. List three fruits that are red. |EoS|\n3."
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    card, path = load_card("quantized/smollm2-135m.toml")
+    b = load_backend(card, path)
+    yield b
+    b.close()
+
+
+def test_trim_at_stop():
+    assert trim_at_stop("abc |EoS| def", ("|EoS|",)) == "abc "
+    assert trim_at_stop("abc", ("|EoS|", "\n")) == "abc"
+    assert trim_at_stop("a\nb|EoS|", ("|EoS|", "\n")) == "a"
+
+
+def test_llamacpp_seeds_are_reproducible_and_stop_is_trimmed(smollm):
+    p = Decoding(max_tokens=48, temperature=0.7, top_k=50, top_p=1.0, stop=("|EoS|",))
+    a = smollm.generate([PROMPT, PROMPT], p, [1, 2])
+    b = smollm.generate([PROMPT, PROMPT], p, [1, 2])
+    assert [c.text for c in a] == [c.text for c in b]
+    assert all("|EoS|" not in c.text for c in a)
+    assert all(c.prompt_tokens > 10 and 0 < c.completion_tokens <= 48 for c in a)
+    g1 = smollm.generate([PROMPT], Decoding(max_tokens=24), [5])[0].text
+    g2 = smollm.generate([PROMPT], Decoding(max_tokens=24), [6])[0].text
+    assert g1 == g2  # greedy ignores the seed
+
+
+def test_llamacpp_prompt_longer_than_context(smollm):
+    with pytest.raises(PromptTooLong, match="does not fit"):
+        smollm.generate(["word " * 9000], Decoding(max_tokens=8), [0])
+
+
+def test_gemma_assembles_from_its_packages():
+    card, path = load_card("gemma3-270m")  # by name
+    b = load_backend(card, path)
+    out = b.generate(["The capital of France is"], Decoding(max_tokens=8), [0])[0]
+    b.close()
+    assert out.completion_tokens > 0
+
+
+def _card(tmp_path, body):
+    p = tmp_path / "card.toml"
+    p.write_text(body)
+    return load_card(p)
+
+
+def test_missing_and_invalid_model_files(tmp_path):
+    card, path = _card(tmp_path, 'name = "x"\nbackend = "llama_cpp"\n[source]\npath = "missing.gguf"\n')
+    with pytest.raises(UserError, match="model file not found"):
+        load_backend(card, path)
+    (tmp_path / "fake.gguf").write_text("not a model")
+    card, path = _card(tmp_path, 'name = "x"\nbackend = "llama_cpp"\n[source]\npath = "fake.gguf"\n')
+    with pytest.raises(UserError, match="not a GGUF file"):
+        load_backend(card, path)
+    card, path = _card(tmp_path, 'name = "x"\nbackend = "llama_cpp"\n[source]\npackage = "no_such_pkg"\nfile = "a.gguf"\n')
+    with pytest.raises(UserError, match="not installed"):
+        load_backend(card, path)
+
+
+@pytest.fixture(scope="module")
+def smollm_nf4():
+    card, path = load_card("quantized/smollm2-135m-hf-nf4.toml")
+    b = load_backend(card, path)
+    yield b
+    b.close()
+
+
+def test_transformers_nf4_batched_equals_single(smollm_nf4):
+    prompts = ["What is the capital of France?\n", "Name a red fruit.\n", PROMPT]
+    p = Decoding(max_tokens=12, stop=("|EoS|",))
+    batch = smollm_nf4.generate(prompts, p, [0, 0, 0])
+    single = [smollm_nf4.generate([q], p, [0])[0] for q in prompts]
+    assert [c.text for c in batch] == [c.text for c in single]
+    assert all("|EoS|" not in c.text for c in batch)
+    import bitsandbytes as bnb
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in smollm_nf4.model.modules())
+
+
+@pytest.fixture(scope="module")
+def tiny_t5(tmp_path_factory):
+    """A random T5 (d_model 64) and a tokenizer trained here: no T5 weights ship on PyPI."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+
+    d = tmp_path_factory.mktemp("t5")
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    text = [t.strip() for t in (ROOT / "seeds" / "seed_tasks.jsonl").read_text().splitlines()]
+    tok.train_from_iterator(text, trainers.UnigramTrainer(vocab_size=400, special_tokens=["<pad>", "</s>", "<unk>"],
+                                                          unk_token="<unk>"))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(d)
+    cfg = T5Config(vocab_size=len(fast), d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=2,
+                   num_heads=4, pad_token_id=fast.pad_token_id, eos_token_id=fast.eos_token_id,
+                   decoder_start_token_id=fast.pad_token_id)
+    T5ForConditionalGeneration(cfg).save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("quant", ["none", "8bit", "nf4"])
+def test_transformers_seq2seq_tiny_t5(tiny_t5, tmp_path, quant):
+    card, path = _card(tmp_path, f'name = "t5"\nbackend = "transformers"\nquantization = "{quant}"\n'
+                                 f'batch_size = 4\n[source]\npath = "{tiny_t5}"\n')
+    b = load_backend(card, path)
+    assert b.seq2seq
+    prompts = ["Translate to French: cat", "Summarize the text below.\nA long text.", "x"]
+    p = Decoding(max_tokens=8, temperature=1.0, top_k=50, top_p=1.0)
+    a = b.generate(prompts, p, [3, 3, 3])
+    again = b.generate(prompts, p, [3, 3, 3])
+    b.close()
+    assert [c.text for c in a] == [c.text for c in again]  # sampling with a fixed seed
+    assert all(0 < c.completion_tokens <= 8 and c.prompt_tokens > 0 for c in a)
