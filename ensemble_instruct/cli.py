@@ -130,6 +130,28 @@ def ensemble(
                f"below threshold: {counts.get('below_threshold', 0)}) -> {out}")
 
 
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A run directory."),
+           sample: int = typer.Option(5, help="Kept and dropped examples to show.")):
+    """Write RUN_DIR/report/: report.md, a self-contained report.html, and PNG plots."""
+    from . import report as rep
+
+    out = rep.build_report(run_dir, sample)
+    rep.print_summary(run_dir)
+    typer.echo(f"report: {out / 'report.md'}, {out / 'report.html'}")
+
+
+@app.command()
+def export(run_dir: Path = typer.Argument(..., help="A finished run directory."),
+           format: str = typer.Option("alpaca", "--format", "-f", help="alpaca | jsonl (chat messages) | sharegpt | hf"),
+           out: Path = typer.Option(..., "-o", "--out", help="Output file (a folder for hf).")):
+    """Export the kept examples for fine-tuning."""
+    from .export import export as do_export
+
+    n = do_export(run_dir, format, out)
+    typer.echo(f"exported {n} examples as {format} -> {out}")
+
+
 models_app = typer.Typer(help="Model cards in quantized/.", invoke_without_command=True)
 app.add_typer(models_app, name="models")
 

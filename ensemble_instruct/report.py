@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -51,3 +52,204 @@ def print_summary(run_dir: Path) -> None:
     console.print(table)
     manifest = json.loads((Path(run_dir) / "manifest.json").read_text())
     console.print(f"dataset: {Path(run_dir) / 'dataset.jsonl'} ({manifest.get('dataset_size', 0)} examples)")
+
+
+# ---------------------------------------------------------------- the full report
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def leading_verbs(instructions: list[str], top: int = 20) -> list[tuple[str, int]]:
+    """The first word of each instruction, lowercased, without punctuation: in imperative
+    instructions that is the verb ("write", "classify"); questions show their question word."""
+    words = [re.sub(r"[^a-z'-]", "", t.split()[0].lower()) for t in instructions if t.split()]
+    return Counter(w for w in words if w).most_common(top)
+
+
+def _collect(run_dir: Path) -> dict:
+    data = {"novelty": {}, "agreement": {}, "lengths": {}, "instructions": {}, "kept": [], "dropped": []}
+    for typ in TYPES:
+        items = [it for r in read_jsonl(run_dir / f"instructions_{typ}.jsonl") for it in r["items"]]
+        data["novelty"][typ] = [it["max_rouge"] for it in items if "max_rouge" in it]
+        ens = read_jsonl(run_dir / f"ensemble_{typ}.jsonl")
+        data["agreement"][typ] = [sum(r["scores"].values()) / len(r["scores"]) for r in ens if r.get("scores")]
+        data["instructions"][typ] = [it["text"] for it in items if it["status"] == "accepted"]
+        kept = [r for r in ens if r["kept"]]
+        data["lengths"][typ] = {"instruction": [_words(r["instruction"]) for r in kept],
+                                "input": [_words(r["input"]) for r in kept if r["input"]],
+                                "output": [_words(r["output"]) for r in kept]}
+        data["kept"] += kept
+        inst = {r["id"]: r for r in read_jsonl(run_dir / f"instances_{typ}.jsonl")}
+        data["dropped"] += [{**r, "output": inst[r["id"]]["output"]} for r in ens if not r["kept"]]
+    return data
+
+
+def _plots(run_dir: Path, out: Path, f: dict, data: dict) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    plots = []
+
+    def save(fig, name: str, title: str, counts: str = "y") -> None:
+        for ax in fig.axes:  # counts are whole numbers
+            getattr(ax, f"{counts}axis").set_major_locator(MaxNLocator(integer=True))
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        plots.append((name, title))
+
+    steps = [("requests", "requests"), ("raw_instructions", "raw\ninstructions"),
+             ("accepted_instructions", "accepted\ninstructions"), ("instances", "instances"),
+             ("usable_instances", "usable\ninstances"), ("kept", "kept by\nensemble")]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    x = range(len(steps))
+    for k, typ in enumerate(TYPES):
+        vals = [f[typ][key] for key, _ in steps]
+        bars = ax.bar([i + (k - 0.5) * 0.4 for i in x], vals, width=0.4, label=f"type {typ}")
+        ax.bar_label(bars, fontsize=8)
+    ax.set_xticks(list(x), [label for _, label in steps])
+    ax.set_ylabel("count")
+    ax.set_title("Funnel: from requests to kept examples")
+    ax.legend()
+    save(fig, "funnel.png", "Funnel through the stages")
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.hist([data["novelty"][t] for t in TYPES], bins=20, range=(0, 1), label=[f"type {t}" for t in TYPES])
+    ax.axvline(0.7, color="black", linestyle="--", label="threshold 0.7")
+    ax.set_xlabel("max ROUGE-L F1 to the seed + accepted pool")
+    ax.set_ylabel("instructions")
+    ax.set_title("Instruction novelty (lower = more novel)")
+    ax.legend()
+    save(fig, "novelty.png", "Instruction novelty")
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.hist([data["agreement"][t] for t in TYPES], bins=20, range=(0, 1), label=[f"type {t}" for t in TYPES])
+    ax.set_xlabel("mean pairwise ROUGE-L F1 of the candidate outputs (instances without an exact match)")
+    ax.set_ylabel("instances")
+    ax.set_title("Ensemble agreement")
+    ax.legend()
+    save(fig, "agreement.png", "Ensemble agreement scores")
+
+    models = sorted({m for t in TYPES for m in f[t]["winners"]})
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for k, typ in enumerate(TYPES):
+        bars = ax.bar([i + (k - 0.5) * 0.4 for i in range(len(models))], [f[typ]["winners"].get(m, 0) for m in models],
+                      width=0.4, label=f"type {typ}")
+        ax.bar_label(bars, fontsize=8)
+    ax.set_xticks(range(len(models)), models)
+    ax.set_ylabel("kept examples")
+    ax.set_title("Whose output the ensemble kept")
+    ax.legend()
+    save(fig, "winners.png", "Which model's output was kept")
+
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.5))
+    for ax, field in zip(axes, ("instruction", "input", "output")):
+        ax.hist([data["lengths"][t][field] for t in TYPES], bins=20, label=[f"type {t}" for t in TYPES])
+        ax.set_xlabel(f"{field} length (words)")
+        ax.set_ylabel("kept examples")
+        ax.legend()
+    fig.suptitle("Lengths of kept examples")
+    save(fig, "lengths.png", "Lengths of instructions, inputs and outputs")
+
+    verbs = leading_verbs(data["instructions"]["A"] + data["instructions"]["B"])
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.3 * len(verbs) + 1)))
+    ax.barh([v for v, _ in verbs][::-1], [n for _, n in verbs][::-1])
+    ax.set_xlabel("accepted instructions")
+    ax.set_title("Most frequent leading words of instructions")
+    save(fig, "verbs.png", "Leading verbs", counts="x")
+    return plots
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _clip(text: str, n: int = 160) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def build_report(run_dir: Path, sample: int = 5) -> Path:
+    """Write RUN_DIR/report/ (report.md, report.html, PNG plots); return the folder."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "manifest.json").exists():
+        from .errors import UserError
+        raise UserError(f"{run_dir}: not a run directory (no manifest.json)")
+    out = run_dir / "report"
+    out.mkdir(exist_ok=True)
+    f, data = funnel(run_dir), _collect(run_dir)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    plots = _plots(run_dir, out, f, data)
+
+    fmt = lambda d: ", ".join(f"{k}: {v}" for k, v in sorted(d.items())) or "-"  # noqa: E731
+    md = [f"# Run report: `{run_dir.name}`", "",
+          f"Seed {manifest.get('seed')}, generator `{Path(manifest['fingerprint']['config']['generator']).stem}`, "
+          f"extra models {', '.join('`' + Path(p).stem + '`' for p in manifest['fingerprint']['config']['extra'])}; "
+          f"dataset: **{sum(f[t]['kept'] for t in TYPES)} examples**.", "", "## Funnel", ""]
+    keys = [("requests", "generation requests"), ("raw_instructions", "raw instructions"),
+            ("instruction_rejected", "rejected (reason: count)"), ("accepted_instructions", "accepted instructions"),
+            ("instances", "instances generated"), ("instance_dropped", "instances dropped (reason: count)"),
+            ("usable_instances", "usable instances"), ("ensemble_rules", "ensemble rule (rule: count)"),
+            ("kept", "kept"), ("winners", "kept output from")]
+    md += [_table(["", "type A", "type B"],
+                  [[label, *(fmt(f[t][k]) if isinstance(f[t][k], dict) else f[t][k] for t in TYPES)] for k, label in keys])]
+    md += ["", "## Cost per stage", ""]
+    rows = [[k, t["model"], t["seconds"], t["prompt_tokens"], t["completion_tokens"], t["tokens_per_s"], t.get("peak_rss_mb", "")]
+            for k, t in manifest.get("timings", {}).items()]
+    md += [_table(["stage", "model", "wall s", "prompt tokens", "generated tokens", "tokens/s", "peak RSS MB"], rows)]
+    md += ["", "## Plots", ""] + [f"### {title}\n\n![{title}]({name})\n" for name, title in plots]
+    md += ["## Most frequent leading words", "",
+           _table(["word", "instructions"], leading_verbs(data["instructions"]["A"] + data["instructions"]["B"])), ""]
+    md += ["## Sample of kept examples", "",
+           _table(["id", "rule", "from", "instruction", "input", "output"],
+                  [[r["id"], r["rule"], r["source"], _clip(r["instruction"]), _clip(r["input"]), _clip(r["output"])]
+                   for r in data["kept"][:sample]]), ""]
+    md += ["## Sample of dropped examples", "",
+           _table(["id", "pairwise ROUGE-L", "instruction", "generator output"],
+                  [[r["id"], fmt({k: round(v, 3) for k, v in r.get("scores", {}).items()}), _clip(r["instruction"]),
+                    _clip(r["output"])] for r in data["dropped"][:sample]]), ""]
+    text = "\n".join(md)
+    (out / "report.md").write_text(text, encoding="utf-8")
+    (out / "report.html").write_text(_html(text, out), encoding="utf-8")
+    return out
+
+
+def _html(markdown_text: str, folder: Path) -> str:
+    """A self-contained page: our markdown subset (headings, tables, images) with images inlined."""
+    import base64
+    import html
+
+    body, table = [], []
+
+    def flush():
+        if table:
+            head, *rows = [[c.strip() for c in r.strip().strip("|").split(" | ")] for r in table if not r.startswith("|---")]
+            body.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>" +
+                        "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows) +
+                        "</table>")
+            table.clear()
+
+    for line in markdown_text.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush()
+        if m := re.match(r"^(#+) (.*)", line):
+            n = len(m.group(1))
+            body.append(f"<h{n}>{html.escape(m.group(2))}</h{n}>")
+        elif m := re.match(r"^!\[(.*)\]\((.*)\)$", line):
+            b64 = base64.b64encode((folder / m.group(2)).read_bytes()).decode()
+            body.append(f'<img alt="{html.escape(m.group(1))}" src="data:image/png;base64,{b64}">')
+        elif line.strip():
+            body.append(f"<p>{html.escape(line).replace('**', '')}</p>")
+    flush()
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+             "text-align:left;vertical-align:top;font-size:14px}img{max-width:100%}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>ensemble-instruct report</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n"

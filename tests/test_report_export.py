@@ -1,0 +1,79 @@
+"""Report and exports of a real tiny-model run, loaded back and checked."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from ensemble_instruct.report import funnel, leading_verbs
+
+pytestmark = pytest.mark.models
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *map(str, args)], capture_output=True, text=True)
+
+
+def dataset(run):
+    return [json.loads(l) for l in (run / "dataset.jsonl").read_text().splitlines()]
+
+
+def test_leading_verbs():
+    assert leading_verbs(["Write a poem.", "write: a haiku", "Classify it", "  ", "What is x?"]) == [
+        ("write", 2), ("classify", 1), ("what", 1)]
+
+
+def test_report(reference_run):
+    r = cli("report", reference_run)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = reference_run / "report"
+    for name in ("funnel.png", "novelty.png", "agreement.png", "winners.png", "lengths.png", "verbs.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
+    md = (out / "report.md").read_text()
+    f = funnel(reference_run)
+    row = next(l for l in md.splitlines() if l.startswith("| accepted instructions"))
+    assert row == f"| accepted instructions | {f['A']['accepted_instructions']} | {f['B']['accepted_instructions']} |"
+    for section in ("## Funnel", "## Cost per stage", "## Plots", "## Most frequent leading words",
+                    "## Sample of kept examples", "## Sample of dropped examples"):
+        assert section in md
+    assert "smollm2-135m-hf-nf4" in md and "tokens/s" in md
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 6 and "src=\"funnel.png\"" not in html  # self-contained
+
+
+def test_exports_round_trip(reference_run, tmp_path):
+    rows = dataset(reference_run)
+    assert rows
+    expect = [(r["instruction"], r["input"], r["output"]) for r in rows]
+    user = [f"{r['instruction']}\n\n{r['input']}" if r["input"] else r["instruction"] for r in rows]
+
+    assert cli("export", reference_run, "-f", "alpaca", "-o", tmp_path / "a.json").returncode == 0
+    a = json.loads((tmp_path / "a.json").read_text())
+    assert [(r["instruction"], r["input"], r["output"]) for r in a] == expect
+
+    assert cli("export", reference_run, "-f", "jsonl", "-o", tmp_path / "c.jsonl").returncode == 0
+    c = [json.loads(l) for l in (tmp_path / "c.jsonl").read_text().splitlines()]
+    assert [m["messages"][0]["content"] for m in c] == user
+    assert [m["messages"][1]["content"] for m in c] == [r["output"] for r in rows]
+    assert {m["messages"][0]["role"] for m in c} == {"user"}
+
+    assert cli("export", reference_run, "-f", "sharegpt", "-o", tmp_path / "s.json").returncode == 0
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert [(x["conversations"][0]["value"], x["conversations"][1]["value"]) for x in s] == list(
+        zip(user, [r["output"] for r in rows]))
+
+    import datasets
+    assert cli("export", reference_run, "-f", "hf", "-o", tmp_path / "hf").returncode == 0
+    d = datasets.load_from_disk(str(tmp_path / "hf"))
+    assert list(zip(d["instruction"], d["input"], d["output"])) == expect
+
+
+def test_export_errors(tmp_path):
+    r = cli("export", tmp_path, "-f", "xml", "-o", tmp_path / "x")
+    assert r.returncode == 2 and "unknown format 'xml'" in r.stderr
+    r = cli("export", tmp_path, "-o", tmp_path / "x")
+    assert r.returncode == 2 and "no dataset.jsonl" in r.stderr
+    r = cli("report", tmp_path)
+    assert r.returncode == 2 and "not a run directory" in r.stderr
