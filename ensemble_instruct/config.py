@@ -71,6 +71,7 @@ class ModelCard(Strict):
     base_url: Optional[str] = None
     model: Optional[str] = None  # the server's model name
     api_key_env: Optional[str] = None  # name of the environment variable that holds the key
+    extra_body: dict = Field(default_factory=dict)  # server-specific request fields (e.g. repeat_penalty)
     concurrency: int = Field(4, ge=1)
     timeout_s: float = Field(120.0, gt=0)
     retries: int = Field(5, ge=0)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import templates
-from .backends import Backend, Completion, Decoding, PromptTooLong, check_installed, load_backend
+from .backends import Backend, Completion, Decoding, PromptTooLong, check_installed, load_backend, preflight
 from .config import ROOT, Config, ModelCard, check_weights, file_hash, load_card, load_config
 from .ensemble import decision_record, ensemble
 from .errors import Interrupted, UserError
@@ -136,6 +136,7 @@ def open_run(config: Path | None, out: Path | None, num_instructions: int | None
     for card, path in [generator, *extras]:  # fail before any stage, not hours into the run
         check_installed(card, path)
         check_weights(card, path)
+        preflight(card, path)
     seeds = split_types(load_seeds(cfg.path(cfg.seeds_file)))
     out = out or ROOT / "runs" / (Path(config).stem if config else "run")
     fp = _fingerprint(cfg, [generator, *extras])

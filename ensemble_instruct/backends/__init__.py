@@ -6,6 +6,7 @@ transformers, httpx) only when it is loaded, so the rest of the tool starts fast
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -43,7 +44,7 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-_MODULES = {"llama_cpp": ("llamacpp", "llama"), "transformers": ("hf", "hf"), "openai": ("openai_server", "")}
+_MODULES = {"llama_cpp": ("llamacpp", "llama"), "transformers": ("hf", "hf"), "openai": ("openai_server", "server")}
 _PACKAGES = {"llama_cpp": ["llama_cpp"], "transformers": ["torch", "transformers", "accelerate"], "openai": ["httpx"]}
 
 
@@ -51,9 +52,14 @@ def check_installed(card: ModelCard, card_path: Path) -> None:
     """A missing optional dependency is a one-line error that names the extra to install."""
     for pkg in _PACKAGES[card.backend]:
         if importlib.util.find_spec(pkg) is None:
-            extra = _MODULES[card.backend][1]
-            hint = f"pip install -e '.[{extra}]'" if extra else f"pip install {pkg}"
-            raise UserError(f"{card_path}: backend {card.backend} needs the package {pkg!r} ({hint})")
+            raise UserError(f"{card_path}: backend {card.backend} needs the package {pkg!r} "
+                            f"(pip install -e '.[{_MODULES[card.backend][1]}]')")
+
+
+def preflight(card: ModelCard, card_path: Path) -> None:
+    """Checks that need the backend's module but load no weights (a server that answers)."""
+    if card.backend == "openai":
+        importlib.import_module(f".{_MODULES['openai'][0]}", __name__).preflight(card, card_path)
 
 
 def load_backend(card: ModelCard, card_path: Path) -> Backend:

@@ -1,0 +1,137 @@
+"""The openai backend against a real OpenAI-compatible server: llama-cpp-python's, on 127.0.0.1."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from conftest import ROOT
+from ensemble_instruct.backends import Decoding, PromptTooLong, load_backend
+from ensemble_instruct.config import load_card, resolve_weights
+from ensemble_instruct.errors import UserError
+
+pytestmark = pytest.mark.models
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, port: int):
+        card, path = load_card("quantized/smollm2-135m.toml")
+        self.model, self.port, self.proc = resolve_weights(card, path), port, None
+
+    def start(self):
+        self.proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(self.model),
+                                      "--model_alias", "smollm2-135m", "--n_ctx", "8192", "--n_threads", "1",
+                                      "--host", "127.0.0.1", "--port", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/v1/models", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise RuntimeError("server did not start")
+
+    def kill(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server(free_port()).start()
+    yield s
+    s.kill()
+
+
+def write_setup(tmp_path, port, model="smollm2-135m", retries=5, extra=""):
+    card = (ROOT / "quantized" / "smollm2-135m-server.toml").read_text()
+    card = card.replace("http://127.0.0.1:8123", f"http://127.0.0.1:{port}")
+    card = card.replace('model = "smollm2-135m"', f'model = "{model}"').replace("retries = 5", f"retries = {retries}")
+    (tmp_path / "server.toml").write_text(extra + card)  # top-level keys go before the tables
+    cfg = (ROOT / "configs" / "ci-server.toml").read_text()
+    cfg = cfg.replace('"quantized/smollm2-135m-server.toml"', f'"{tmp_path / "server.toml"}"')
+    cfg = cfg.replace("target = { A = 3, B = 2 }", "target = { A = 6, B = 2 }")
+    (tmp_path / "config.toml").write_text(cfg)
+    return tmp_path / "config.toml"
+
+
+def generate(config, out, **popen):
+    return [sys.executable, str(ROOT / "run.py"), "generate", "-c", str(config), "--out", str(out)]
+
+
+def lines(p):
+    return [json.loads(l) for l in p.read_text().splitlines()]
+
+
+def test_greedy_stage_equals_in_process_llama_cpp_and_resume_after_server_death(server, tmp_path):
+    cfg = write_setup(tmp_path, server.port, retries=2)
+    ref = tmp_path / "ref"
+    r = subprocess.run(generate(cfg, ref), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for typ in "AB":
+        via_server = lines(ref / f"outputs_smollm2-135m-server_{typ}.jsonl")
+        in_process = lines(ref / f"outputs_smollm2-135m_{typ}.jsonl")
+        assert via_server and [x["output"] for x in via_server] == [x["output"] for x in in_process]
+    manifest = (ref / "manifest.json").read_text()
+    assert "smollm2-135m-server" in manifest
+
+    # the server dies in the middle of the extra-outputs stage: a clear error, nothing lost
+    run = tmp_path / "run"
+    p = subprocess.Popen(generate(cfg, run), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    target = run / "outputs_smollm2-135m-server_A.jsonl"
+    deadline = time.time() + 600
+    while not (target.exists() and target.read_bytes().count(b"\n") >= 2) and time.time() < deadline:
+        time.sleep(0.02)
+    server.kill()
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 2, err[-2000:]
+    assert "did not answer after 3 tries" in err and "Traceback" not in err
+    assert 2 <= target.read_bytes().count(b"\n") < 6
+    # another run while it is down is refused before any stage starts
+    r = subprocess.run(generate(cfg, run), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "cannot reach the server" in r.stderr
+    server.start()
+    r = subprocess.run(generate(cfg, run), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for f in sorted(ref.glob("*.jsonl")):
+        assert (run / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_unreachable_server_and_unknown_model(server, tmp_path):
+    cfg = write_setup(tmp_path, free_port())
+    r = subprocess.run(generate(cfg, tmp_path / "run"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "cannot reach the server at http://127.0.0.1:" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+    cfg = write_setup(tmp_path, server.port, model="gpt-9")
+    r = subprocess.run(generate(cfg, tmp_path / "run"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "does not serve model 'gpt-9' (it serves: smollm2-135m)" in r.stderr
+
+
+def test_context_exceeded_concurrency_and_api_key(server, tmp_path, monkeypatch):
+    write_setup(tmp_path, server.port, extra='api_key_env = "TEST_SERVER_KEY"\n')
+    card, path = load_card(tmp_path / "server.toml")
+    with pytest.raises(UserError, match="TEST_SERVER_KEY"):
+        load_backend(card, path)
+    monkeypatch.setenv("TEST_SERVER_KEY", "secret-123")
+    b = load_backend(card, path)
+    assert b.client.headers["Authorization"] == "Bearer secret-123"
+    with pytest.raises(PromptTooLong, match="does not fit"):
+        b.generate(["word " * 9000], Decoding(max_tokens=8), [0])
+    prompts = ["Name a colour.\n", "Name a fruit.\n", "Name a city.\n", "Name an animal.\n", "Name a tool.\n"]
+    many = b.generate(prompts, Decoding(max_tokens=12), [0] * 5)  # 2 in flight; order kept
+    one_by_one = [b.generate([p], Decoding(max_tokens=12), [0])[0] for p in prompts]
+    assert [c.text for c in many] == [c.text for c in one_by_one]
+    assert b.count_tokens("hello world") == 2
+    b.close()
