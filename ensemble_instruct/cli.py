@@ -161,18 +161,18 @@ def models(ctx: typer.Context):
     """List the model cards: backend, quantization, estimated memory."""
     if ctx.invoked_subcommand is not None:
         return
-    from rich.console import Console
-    from rich.table import Table
-
     from .config import ROOT, load_card
 
-    table = Table("card", "backend", "quantization", "memory (GB)", "source", "license")
+    rows = [("card", "backend", "quantization", "memory GB", "license", "source")]
     for path in sorted((ROOT / "quantized").glob("*.toml")):
         card, _ = load_card(path)
         s = card.source
-        src = (s.path or (f"{s.package}:{s.file or 'assembled'}" if s.package else f"hub:{s.hub_repo}")) if s else card.base_url
-        table.add_row(path.stem, card.backend, card.quantization, f"{card.memory_gb:g}", src, card.license)
-    Console().print(table)
+        src = (s.path or (f"package {s.package}" + (f"/{s.file}" if s.file else " (assembled)")) if s.package
+               else f"hub {s.hub_repo}" + (f"/{s.hub_file}" if s.hub_file else "")) if s else f"server {card.base_url}"
+        rows.append((path.stem, card.backend, card.quantization, f"{card.memory_gb:g}", card.license, src))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for r in rows:  # plain columns: readable in a terminal and in a pipe
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[5])
 
 
 @models_app.command("check")
@@ -190,7 +190,7 @@ def models_check(card: str = typer.Argument(..., help="Card path or name (e.g. s
     backend = load_backend(c, path)
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    out = backend.generate(["Write one sentence about the sea."], Decoding(max_tokens=32), [0])[0]
+    out = backend.generate(["Once upon a time, in a small village by the sea,"], Decoding(max_tokens=32), [0])[0]
     gen_s = time.perf_counter() - t0
     backend.close()
     typer.echo(f"{c.name}: loaded in {load_s:.1f} s, {out.completion_tokens} tokens in {gen_s:.1f} s "

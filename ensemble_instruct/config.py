@@ -160,11 +160,13 @@ def load_config(path: str | Path) -> Config:
 
 
 def load_card(path: str | Path) -> tuple[ModelCard, Path]:
-    path = Path(path)
+    given, path = str(path), Path(path)
     if not path.is_absolute() and not path.exists():
         path = ROOT / path
     if not path.exists() and (ROOT / "quantized" / f"{path.name}.toml").exists():
         path = ROOT / "quantized" / f"{path.name}.toml"  # `--model NAME` works too
+    if not path.exists():
+        raise UserError(f"{given}: model card not found (a path, or a name listed by `python run.py models`)")
     try:
         return ModelCard(**_load_toml(path)), path
     except ValidationError as e:

@@ -121,3 +121,19 @@ def test_transformers_seq2seq_tiny_t5(tiny_t5, tmp_path, quant):
     b.close()
     assert [c.text for c in a] == [c.text for c in again]  # sampling with a fixed seed
     assert all(0 < c.completion_tokens <= 8 and c.prompt_tokens > 0 for c in a)
+
+
+def test_models_list_and_check():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(ROOT / "run.py"), "models"], capture_output=True, text=True)
+    assert r.returncode == 0
+    for name in ("smollm2-135m ", "gemma3-270m", "smollm2-135m-hf-nf4", "falcon-40b-q4_k_m", "flan-t5-xxl-8bit",
+                 "flan-ul2-nf4", "qwen2.5-32b-instruct-q4_k_m"):
+        assert name in r.stdout
+    r = subprocess.run([sys.executable, str(ROOT / "run.py"), "models", "check", "smollm2-135m"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "tok/s" in r.stdout and "peak RSS" in r.stdout, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, str(ROOT / "run.py"), "models", "check", "nope"], capture_output=True, text=True)
+    assert r.returncode == 2 and "model card not found" in r.stderr

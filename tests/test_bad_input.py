@@ -138,3 +138,28 @@ def test_stage_file_edited_into_invalid_json(reference_run, tmp_path):
     manifest = run / "manifest.json"
     manifest.write_text("{oops")
     assert_one_line_error(cli("generate", "--out", run), "manifest.json: not valid JSON")
+
+
+@pytest.mark.models
+def test_bitsandbytes_that_cannot_run_here(tmp_path):
+    # bitsandbytes present but unusable (as on a machine its build does not support)
+    broken = "sys.modules['bitsandbytes'] = None  # import bitsandbytes now raises ImportError"
+    r = cli("models", "check", "smollm2-135m-hf-nf4", wrapper=broken)
+    assert_one_line_error(r, "nf4 needs bitsandbytes, which cannot be loaded here")
+
+
+@pytest.mark.models
+def test_stage_commands_one_by_one_equal_generate(reference_run, tmp_path):
+    run = tmp_path / "run"
+    r = cli("instances", "-c", CI, "--out", run)
+    assert_one_line_error(r, "instruction generation is not finished")
+    steps = [("instructions",), ("instances",), ("outputs", "--model", "gemma3-270m"),
+             ("outputs", "--model", "quantized/smollm2-135m-hf-nf4.toml")]
+    for step in steps:
+        r = cli(*step, "-c", CI, "--out", run)
+        assert r.returncode == 0, (step, r.stderr[-2000:])
+    assert_one_line_error(cli("outputs", "--model", "smollm2-135m", "--out", run), "not an extra model of this run")
+    r = cli("ensemble", "--run", run)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for f in sorted(reference_run.glob("*.jsonl")):
+        assert (run / f.name).read_bytes() == f.read_bytes(), f.name

@@ -82,8 +82,9 @@ class HFBackend:
             auto = transformers.AutoModelForSeq2SeqLM if self.seq2seq else transformers.AutoModelForCausalLM
             self.tok = AutoTokenizer.from_pretrained(path)
             self.model = auto.from_pretrained(path, **kwargs)
-        except (OSError, ValueError) as e:
-            raise UserError(f"{path}: transformers could not load the model ({str(e).splitlines()[0]})") from None
+        except (OSError, ValueError, ImportError, RuntimeError) as e:  # incl. bitsandbytes that cannot run here
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(f"{path}: transformers could not load the model ({first})") from None
         self.model.eval()
         self.tok.padding_side = "right" if self.seq2seq else "left"
         if self.tok.pad_token is None:
