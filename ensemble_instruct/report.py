@@ -85,7 +85,7 @@ def _collect(run_dir: Path) -> dict:
     return data
 
 
-def _plots(run_dir: Path, out: Path, f: dict, data: dict) -> list[tuple[str, str]]:
+def _plots(out: Path, f: dict, data: dict, cfg: dict) -> list[tuple[str, str]]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,49 +102,42 @@ def _plots(run_dir: Path, out: Path, f: dict, data: dict) -> list[tuple[str, str
         plt.close(fig)
         plots.append((name, title))
 
+    def grouped_bars(name: str, title: str, labels: list[str], values: dict[str, list[int]], ylabel: str) -> None:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        for k, typ in enumerate(TYPES):
+            bars = ax.bar([i + (k - 0.5) * 0.4 for i in range(len(labels))], values[typ], width=0.4,
+                          label=f"type {typ}")
+            ax.bar_label(bars, fontsize=8)
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend()
+        save(fig, name, title)
+
+    def score_hist(name: str, title: str, values: dict[str, list[float]], xlabel: str, ylabel: str,
+                   threshold: float) -> None:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.hist([values[t] for t in TYPES], bins=20, range=(0, 1), label=[f"type {t}" for t in TYPES])
+        ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:g}")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend()
+        save(fig, name, title)
+
     steps = [("requests", "requests"), ("raw_instructions", "raw\ninstructions"),
              ("accepted_instructions", "accepted\ninstructions"), ("instances", "instances"),
              ("usable_instances", "usable\ninstances"), ("kept", "kept by\nensemble")]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    x = range(len(steps))
-    for k, typ in enumerate(TYPES):
-        vals = [f[typ][key] for key, _ in steps]
-        bars = ax.bar([i + (k - 0.5) * 0.4 for i in x], vals, width=0.4, label=f"type {typ}")
-        ax.bar_label(bars, fontsize=8)
-    ax.set_xticks(list(x), [label for _, label in steps])
-    ax.set_ylabel("count")
-    ax.set_title("Funnel: from requests to kept examples")
-    ax.legend()
-    save(fig, "funnel.png", "Funnel through the stages")
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.hist([data["novelty"][t] for t in TYPES], bins=20, range=(0, 1), label=[f"type {t}" for t in TYPES])
-    ax.axvline(0.7, color="black", linestyle="--", label="threshold 0.7")
-    ax.set_xlabel("max ROUGE-L F1 to the seed + accepted pool")
-    ax.set_ylabel("instructions")
-    ax.set_title("Instruction novelty (lower = more novel)")
-    ax.legend()
-    save(fig, "novelty.png", "Instruction novelty")
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.hist([data["agreement"][t] for t in TYPES], bins=20, range=(0, 1), label=[f"type {t}" for t in TYPES])
-    ax.set_xlabel("mean pairwise ROUGE-L F1 of the candidate outputs (instances without an exact match)")
-    ax.set_ylabel("instances")
-    ax.set_title("Ensemble agreement")
-    ax.legend()
-    save(fig, "agreement.png", "Ensemble agreement scores")
-
+    grouped_bars("funnel.png", "Funnel: from requests to kept examples", [label for _, label in steps],
+                 {t: [f[t][key] for key, _ in steps] for t in TYPES}, "count")
+    score_hist("novelty.png", "Instruction novelty (lower = more novel)", data["novelty"],
+               "max ROUGE-L F1 to the seed + accepted pool", "instructions", cfg["instructions"]["novelty_threshold"])
+    score_hist("agreement.png", "Ensemble agreement", data["agreement"],
+               "mean pairwise ROUGE-L F1 of the candidate outputs (instances without an exact match)", "instances",
+               cfg["ensemble"]["threshold"])
     models = sorted({m for t in TYPES for m in f[t]["winners"]})
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for k, typ in enumerate(TYPES):
-        bars = ax.bar([i + (k - 0.5) * 0.4 for i in range(len(models))], [f[typ]["winners"].get(m, 0) for m in models],
-                      width=0.4, label=f"type {typ}")
-        ax.bar_label(bars, fontsize=8)
-    ax.set_xticks(range(len(models)), models)
-    ax.set_ylabel("kept examples")
-    ax.set_title("Whose output the ensemble kept")
-    ax.legend()
-    save(fig, "winners.png", "Which model's output was kept")
+    grouped_bars("winners.png", "Whose output the ensemble kept", models,
+                 {t: [f[t]["winners"].get(m, 0) for m in models] for t in TYPES}, "kept examples")
 
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.5))
     for ax, field in zip(axes, ("instruction", "input", "output")):
@@ -185,7 +178,7 @@ def build_report(run_dir: Path, sample: int = 5) -> Path:
     out.mkdir(exist_ok=True)
     f, data = funnel(run_dir), _collect(run_dir)
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    plots = _plots(run_dir, out, f, data)
+    plots = _plots(out, f, data, manifest["fingerprint"]["config"])
 
     fmt = lambda d: ", ".join(f"{k}: {v}" for k, v in sorted(d.items())) or "-"  # noqa: E731
     md = [f"# Run report: `{run_dir.name}`", "",

@@ -3,25 +3,10 @@ import random
 import numpy as np
 from rouge_score import rouge_scorer
 
+from bench.bench_novelty import make_candidates  # the benchmark's own candidate mix
 from conftest import SEEDS
 from ensemble_instruct.novelty import filter_novel, novelty_scores
 from ensemble_instruct.seeds import load_seeds
-
-
-def make_candidates(seeds, n, rng):
-    """Repeats, near-repeats and recombinations of seed texts: some rejected, most kept."""
-    out = []
-    for _ in range(n):
-        a, b = rng.choice(seeds).split(), rng.choice(seeds).split()
-        r = rng.random()
-        if r < 0.15:
-            words = a
-        elif r < 0.35:
-            words = [w for w in a if rng.random() > 0.15]
-        else:
-            words = a[: rng.randint(1, len(a))] + b[rng.randint(0, len(b) - 1):]
-        out.append(" ".join(words))
-    return out
 
 
 def reference(candidates, existing, threshold=0.7):
