@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import platform
 import random
 import resource
 import signal
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import templates
@@ -63,8 +64,6 @@ class Run:
     seeds: dict[str, list[SeedTask]]
     manifest: dict
     stop_requested: bool = False
-    progress: object = None
-    timings: dict = field(default_factory=dict)
 
     def file(self, name: str) -> Path:
         return self.dir / name
@@ -109,10 +108,11 @@ def open_run(config: Path | None, out: Path | None, num_instructions: int | None
     existing = None
     if out is not None and (out / "manifest.json").exists():
         try:
-            import json
             existing = json.loads((out / "manifest.json").read_text())
         except ValueError:
-            raise UserError(f"{out / 'manifest.json'}: not valid JSON") from None
+            existing = None
+        if not isinstance(existing, dict) or not isinstance(existing.get("fingerprint"), dict):
+            raise UserError(f"{out / 'manifest.json'}: not valid JSON or not a run manifest") from None
     if config is None and existing is not None:
         cfg = Config(**existing["fingerprint"]["config"])
     else:
@@ -207,6 +207,12 @@ class Meter:
             self.prompt += c.prompt_tokens
             self.gen += c.completion_tokens
 
+    def __enter__(self) -> "Meter":
+        return self
+
+    def __exit__(self, *exc) -> None:  # also when stopped or failed: the time was spent
+        self.done()
+
     def done(self) -> None:
         t = self.run.manifest["timings"].setdefault(self.key, {"model": self.model, "seconds": 0.0,
                                                                 "prompt_tokens": 0, "completion_tokens": 0})
@@ -219,7 +225,7 @@ class Meter:
 
 
 @contextmanager
-def progress_bar(run: Run, description: str, total: int, done: int = 0):
+def progress_bar(description: str, total: int, done: int = 0):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -277,8 +283,8 @@ def stage_instructions(run: Run, backend: Backend, typ: str) -> None:
     seed_texts = [t.instruction for t in run.seeds[typ]]
     template = templates.load(f"instructions_{typ}.txt", run.cfg.path(run.cfg.templates_dir))
     params = Decoding(c.max_tokens, c.temperature, c.top_k, c.top_p, (templates.EOS,))
-    meter = Meter(run, f"instructions_{typ}", backend.card.name)
-    with progress_bar(run, f"instructions {typ}", target, min(len(pool), target)) as advance:
+    with Meter(run, f"instructions_{typ}", backend.card.name) as meter, \
+            progress_bar(f"instructions {typ}", target, min(len(pool), target)) as advance:
         while len(pool) < target and len(records) < max_requests:
             _check_stop(run, f"instruction generation ({typ})")
             first = len(records)
@@ -313,7 +319,6 @@ def stage_instructions(run: Run, backend: Backend, typ: str) -> None:
             append_jsonl(path, batch)
             records.extend(batch)
             advance(len(pool) - before, completions)
-    meter.done()
 
 
 # ---------------------------------------------------------------- stage 2: instances
@@ -346,8 +351,8 @@ def stage_instances(run: Run, backend: Backend, typ: str) -> None:
     template = templates.load(f"instances_{typ}.txt", run.cfg.path(run.cfg.templates_dir))
     params = Decoding(c.max_tokens, c.temperature, c.top_k, c.top_p, (templates.EOS,))
     with_input = typ == "A"
-    meter = Meter(run, f"instances_{typ}", backend.card.name)
-    with progress_bar(run, f"instances {typ}", len(todo), len(done)) as advance:
+    with Meter(run, f"instances_{typ}", backend.card.name) as meter, \
+            progress_bar(f"instances {typ}", len(todo), len(done)) as advance:
         for b, batch in _batches(todo, backend.batch_size):
             if all(it["id"] in done for it in batch):
                 continue
@@ -371,7 +376,6 @@ def stage_instances(run: Run, backend: Backend, typ: str) -> None:
                                 "completion": comp.text})
             _resume_batch(path, records, done)
             advance(sum(r["id"] not in done for r in records), completions)
-    meter.done()
 
 
 # ---------------------------------------------------------------- stage 3: extra outputs
@@ -394,8 +398,8 @@ def stage_outputs(run: Run, backend: Backend, typ: str) -> None:
     todo, done = _outputs_todo(run, card, typ)
     template = templates.load("output.txt", run.cfg.path(run.cfg.templates_dir))
     params = Decoding(run.cfg.outputs.max_tokens)  # zero-shot, greedy
-    meter = Meter(run, f"outputs_{card.name}_{typ}", card.name)
-    with progress_bar(run, f"outputs {card.name} {typ}", len(todo), len(done)) as advance:
+    with Meter(run, f"outputs_{card.name}_{typ}", card.name) as meter, \
+            progress_bar(f"outputs {card.name} {typ}", len(todo), len(done)) as advance:
         for b, batch in _batches(todo, backend.batch_size):
             if all(it["id"] in done for it in batch):
                 continue
@@ -420,7 +424,6 @@ def stage_outputs(run: Run, backend: Backend, typ: str) -> None:
                        for it, comp, e in zip(batch, completions, errors)]
             _resume_batch(path, records, done)
             advance(sum(r["id"] not in done for r in records), completions)
-    meter.done()
 
 
 # ---------------------------------------------------------------- stage 4: ensemble
