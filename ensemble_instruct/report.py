@@ -85,7 +85,7 @@ def _collect(run_dir: Path) -> dict:
     return data
 
 
-def _plots(out: Path, f: dict, data: dict, cfg: dict) -> list[tuple[str, str]]:
+def _plots(out: Path, f: dict, data: dict, cfg: dict, cards: list[str]) -> list[tuple[str, str]]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,12 +130,12 @@ def _plots(out: Path, f: dict, data: dict, cfg: dict) -> list[tuple[str, str]]:
              ("usable_instances", "usable\ninstances"), ("kept", "kept by\nensemble")]
     grouped_bars("funnel.png", "Funnel: from requests to kept examples", [label for _, label in steps],
                  {t: [f[t][key] for key, _ in steps] for t in TYPES}, "count")
-    score_hist("novelty.png", "Instruction novelty (lower = more novel)", data["novelty"],
+    score_hist("novelty.png", "Instruction novelty (lower = more novel; above the line: rejected)", data["novelty"],
                "max ROUGE-L F1 to the seed + accepted pool", "instructions", cfg["instructions"]["novelty_threshold"])
     score_hist("agreement.png", "Ensemble agreement", data["agreement"],
                "mean pairwise ROUGE-L F1 of the candidate outputs (instances without an exact match)", "instances",
                cfg["ensemble"]["threshold"])
-    models = sorted({m for t in TYPES for m in f[t]["winners"]})
+    models = list(dict.fromkeys([*cards, *(m for t in TYPES for m in f[t]["winners"])]))  # generator first
     grouped_bars("winners.png", "Whose output the ensemble kept", models,
                  {t: [f[t]["winners"].get(m, 0) for m in models] for t in TYPES}, "kept examples")
 
@@ -178,7 +178,7 @@ def build_report(run_dir: Path, sample: int = 5) -> Path:
     out.mkdir(exist_ok=True)
     f, data = funnel(run_dir), _collect(run_dir)
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    plots = _plots(out, f, data, manifest["fingerprint"]["config"])
+    plots = _plots(out, f, data, manifest["fingerprint"]["config"], list(manifest["fingerprint"]["cards"]))
 
     fmt = lambda d: ", ".join(f"{k}: {v}" for k, v in sorted(d.items())) or "-"  # noqa: E731
     md = [f"# Run report: `{run_dir.name}`", "",
