@@ -21,6 +21,7 @@ import platform
 import random
 import resource
 import signal
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -428,8 +429,9 @@ def stage_outputs(run: Run, backend: Backend, typ: str) -> None:
 
 # ---------------------------------------------------------------- stage 4: ensemble
 
-def stage_ensemble(run: Run) -> dict:
-    kept_all, counts = [], {}
+def stage_ensemble(run: Run) -> None:
+    """Decide every usable instance (rewritten whole each time: it is fast and needs no resume)."""
+    kept_all = []
     names = [c.name for c, _ in run.extras]
     for typ in TYPES:
         instances = usable_instances(run, typ)
@@ -449,11 +451,9 @@ def stage_ensemble(run: Run) -> dict:
             r["kept"] = d.kept
         write_jsonl(run.file(f"ensemble_{typ}.jsonl"), records)
         kept_all += [{k: v for k, v in r.items() if k != "kept"} for r in records if r["kept"]]
-        counts[typ] = {rule: sum(d.rule == rule for d in decisions) for rule in ("exact", "rouge", "below_threshold")}
     write_jsonl(run.file("dataset.jsonl"), kept_all)
     run.manifest["dataset_size"] = len(kept_all)
     run.save_manifest()
-    return counts
 
 
 # ---------------------------------------------------------------- all stages
@@ -465,7 +465,6 @@ def stop_on_ctrl_c(run: Run):
         if run.stop_requested:
             raise KeyboardInterrupt
         run.stop_requested = True
-        import sys
         print("\nstopping after the current batch (Ctrl-C again to stop at once)...", file=sys.stderr)
     old = signal.signal(signal.SIGINT, handler)
     try:
@@ -508,9 +507,9 @@ def run_outputs_stage(run: Run, card: ModelCard, path: Path) -> None:
             stage_outputs(run, backend, t)
 
 
-def generate(run: Run) -> dict:
+def generate(run: Run) -> None:
     with stop_on_ctrl_c(run):
         run_generator_stages(run)
         for card, path in run.extras:  # one model at a time, never two
             run_outputs_stage(run, card, path)
-        return stage_ensemble(run)
+        stage_ensemble(run)
