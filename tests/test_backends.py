@@ -10,12 +10,16 @@ pytestmark = pytest.mark.models
 PROMPT = "1. Write a poem about the sea. |EoS|\n2. List three fruits that are red. |EoS|\n3."
 
 
-@pytest.fixture(scope="module")
-def smollm():
-    card, path = load_card("quantized/smollm2-135m.toml")
+def _loaded(card_name):
+    card, path = load_card(card_name)
     b = load_backend(card, path)
     yield b
     b.close()
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    yield from _loaded("quantized/smollm2-135m.toml")
 
 
 def test_trim_at_stop():
@@ -70,10 +74,7 @@ def test_missing_and_invalid_model_files(tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm_nf4():
-    card, path = load_card("quantized/smollm2-135m-hf-nf4.toml")
-    b = load_backend(card, path)
-    yield b
-    b.close()
+    yield from _loaded("quantized/smollm2-135m-hf-nf4.toml")
 
 
 def test_transformers_nf4_batched_equals_single(smollm_nf4):
