@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .similarity import Vocab, encode_texts, rouge_matrix_encoded
+from .similarity import Vocab, encode_texts, rouge_matrix_encoded, tokenize
 
 
 @dataclass
@@ -32,11 +32,26 @@ def _top(row: np.ndarray, pool_text, k: int) -> dict[str, float]:
     return out
 
 
-def novelty_scores(candidates: list[str], existing: list[str], threshold: float = 0.7,
+class Pool:
+    """Instructions already accepted (seeds first), tokenized once: a generation run checks each
+    request's items against a growing pool, and re-tokenizing it every request would cost O(pool)."""
+
+    def __init__(self, texts: list[str] = ()):
+        self.vocab = Vocab()
+        self.texts = list(texts)
+        self.encoded = encode_texts(self.texts, False, self.vocab)
+
+    def add(self, text: str) -> None:
+        self.texts.append(text)
+        self.encoded.append(self.vocab.encode(tokenize(text)))
+
+
+def novelty_scores(candidates: list[str], existing: list[str] | Pool, threshold: float = 0.7,
                    top_k: int = 10, block: int = 256, workers: int = -1) -> list[Novelty]:
-    """Per candidate: kept or not, with the scores users inspect (ROUGE-L, no stemming)."""
-    vocab = Vocab()
-    enc_existing = encode_texts(existing, False, vocab)
+    """Per candidate: kept or not, with the scores users inspect (ROUGE-L, no stemming).
+    `existing` is not changed; add the kept candidates to a Pool yourself."""
+    pool = existing if isinstance(existing, Pool) else Pool(existing)
+    vocab, existing, enc_existing = pool.vocab, pool.texts, pool.encoded
     enc_cand = encode_texts(candidates, False, vocab)
     vs_existing = rouge_matrix_encoded(enc_cand, enc_existing, workers) if existing else None
     kept_idx: list[int] = []  # candidates kept so far, in order: the pool after `existing`

@@ -33,7 +33,7 @@ from .config import ROOT, Config, ModelCard, check_weights, file_hash, load_card
 from .ensemble import decision_record, ensemble
 from .errors import Interrupted, UserError
 from .filters import process_completion
-from .novelty import novelty_scores
+from .novelty import Pool, novelty_scores
 from .parsing import parse_instance
 from .seeds import SeedTask, load_seeds, split_types
 from .store import append_jsonl, read_jsonl, write_json, write_jsonl
@@ -282,6 +282,7 @@ def stage_instructions(run: Run, backend: Backend, typ: str) -> None:
     records = instruction_records(run, typ)
     pool = [item["text"] for item in accepted_instructions(records)]
     seed_texts = [t.instruction for t in run.seeds[typ]]
+    novelty_pool = Pool(seed_texts + pool)  # tokenized once, grows with each accepted item
     template = templates.load(f"instructions_{typ}.txt", run.cfg.path(run.cfg.templates_dir))
     params = Decoding(c.max_tokens, c.temperature, c.top_k, c.top_p, (templates.EOS,))
     with Meter(run, f"instructions_{typ}", backend.card.name) as meter, \
@@ -304,7 +305,7 @@ def stage_instructions(run: Run, backend: Backend, typ: str) -> None:
             for i, s, comp in zip(indices, seeds, completions):
                 items = [{"text": t, "status": "rejected", "reason": r} for t, r in process_completion(comp.text)]
                 passing = [it for it in items if it["reason"] is None]
-                for it, nov in zip(passing, novelty_scores([it["text"] for it in passing], seed_texts + pool,
+                for it, nov in zip(passing, novelty_scores([it["text"] for it in passing], novelty_pool,
                                                            c.novelty_threshold)):
                     it["max_rouge"] = nov.max_score
                     if not nov.keep:
@@ -313,6 +314,7 @@ def stage_instructions(run: Run, backend: Backend, typ: str) -> None:
                         it["reason"] = "over_target"
                     else:
                         pool.append(it["text"])
+                        novelty_pool.add(it["text"])
                         it.update(status="accepted", reason=None, id=f"{typ}{len(pool):05d}",
                                   mean_rouge=nov.mean_score, most_similar=nov.most_similar)
                 batch.append({"id": f"{typ}-request-{i:05d}", "type": typ, "request": i, "seed": s,

@@ -51,3 +51,23 @@ def test_no_existing_and_no_candidates():
     assert filter_novel([], ["x"]) == []
     n = novelty_scores(["hello world there"], [])[0]
     assert n.keep and n.most_similar == {} and n.mean_score == 0.0
+
+
+def test_growing_pool_gives_the_one_shot_decisions():
+    """The pipeline checks each request's items against a Pool it grows; same result as one call."""
+    from ensemble_instruct.novelty import Pool
+
+    rng = random.Random(11)
+    seeds = [t.instruction for t in load_seeds(SEEDS)]
+    cands = make_candidates(seeds, 300, rng)
+    one_shot = novelty_scores(cands, seeds)
+    pool, got = Pool(seeds), []
+    for start in range(0, len(cands), 3):  # three items per "request"
+        chunk = cands[start:start + 3]
+        res = novelty_scores(chunk, pool)
+        for text, n in zip(chunk, res):
+            if n.keep:
+                pool.add(text)
+        got += res
+    assert [(n.keep, n.max_score, n.mean_score, n.most_similar) for n in got] == \
+        [(n.keep, n.max_score, n.mean_score, n.most_similar) for n in one_shot]
