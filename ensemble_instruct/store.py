@@ -77,28 +77,25 @@ def append_jsonl(path: str | Path, records: Iterable[dict]) -> None:
         raise UserError(f"{path}: cannot write: {e.strerror}") from None
 
 
-def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
-    """Replace a file atomically (write a temp file, then rename)."""
-    path = Path(path)
+def _replace(path: Path, text: str) -> None:
+    """Replace a file atomically: write a temp file, fsync, rename over the old one."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(dumps(r) + "\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
         raise UserError(f"{path}: cannot write: {e.strerror}") from None
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
+    path = Path(path)
+    _replace(path, "".join(dumps(r) + "\n" for r in records))
     if _crash_here("after", path):
         _sigkill()
 
 
 def write_json(path: str | Path, obj) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"{path}: cannot write: {e.strerror}") from None
+    _replace(Path(path), json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
