@@ -24,22 +24,30 @@ class Decoding:
     stop: tuple[str, ...] = ()
 
 
+FINISH = ("stop", "eos", "length", "prompt_too_long")
+
+
 @dataclass
 class Completion:
     text: str
     prompt_tokens: int
     completion_tokens: int
+    finish: str  # why it ended: a stop string, the end-of-text token, the token limit, or no room to start
 
 
-class PromptTooLong(UserError):
-    """The prompt leaves no room to generate in the model's context."""
+def too_long(n_prompt: int = 0) -> Completion:
+    """What a backend returns for a prompt that leaves no room to generate (the batch goes on)."""
+    return Completion("", n_prompt, 0, "prompt_too_long")
 
 
 class Backend(Protocol):
     card: ModelCard
     batch_size: int
 
-    def generate(self, prompts: list[str], params: Decoding, seeds: list[int]) -> list[Completion]: ...
+    def generate(self, prompts: list[str], params: Decoding, seeds: list[int],
+                 prefix: str | None = None) -> list[Completion]:
+        """One completion per prompt, in order. `prefix` is a text every prompt starts with (a
+        fixed few-shot prefix): a backend may compute it once and reuse it; results are the same."""
     def count_tokens(self, text: str) -> int: ...
     def close(self) -> None: ...
 
@@ -68,7 +76,15 @@ def load_backend(card: ModelCard, card_path: Path) -> Backend:
     return module.load(card, card_path)
 
 
+def stop_at(text, stops) -> int:
+    """Where the first stop string starts (str or bytes), or -1. Leading white space is not
+    searched: a model that opens its answer with a new line has not finished it (the reference's
+    "\\n\\n" stop was written for models that never do)."""
+    lead = len(text) - len(text.lstrip())
+    return min((i for i in (text.find(x, lead) for x in stops) if i >= 0), default=-1)
+
+
 def trim_at_stop(text: str, stop: tuple[str, ...]) -> str:
     """Cut the text at the first stop string (the stop string itself is not kept)."""
-    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+    cut = stop_at(text, stop)
     return text if cut < 0 else text[:cut]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..config import CACHE, ModelCard, resolve_weights
 from ..errors import UserError
-from . import Completion, Decoding, PromptTooLong, trim_at_stop
+from . import Completion, Decoding, stop_at, too_long, trim_at_stop
 
 
 def _gguf_to_safetensors(card: ModelCard, gguf: Path) -> Path:
@@ -39,6 +39,20 @@ def _gguf_to_safetensors(card: ModelCard, gguf: Path) -> Path:
     del model
     gc.collect()
     return out
+
+
+def _stop_strings(tok, stops, start: int):
+    """Stop a row once its generated text holds a stop string after its leading white space
+    (transformers' own stop_strings also match a new line that an answer opens with)."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopStrings(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            texts = tok.batch_decode(input_ids[:, start:], skip_special_tokens=True)
+            return torch.tensor([stop_at(t, stops) >= 0 for t in texts], device=input_ids.device)
+
+    return StoppingCriteriaList([StopStrings()])
 
 
 class HFBackend:
@@ -99,18 +113,30 @@ class HFBackend:
                                                 add_generation_prompt=True)
         return prompt
 
-    def generate(self, prompts: list[str], params: Decoding, seeds: list[int]) -> list[Completion]:
+    def generate(self, prompts: list[str], params: Decoding, seeds: list[int],
+                 prefix: str | None = None) -> list[Completion]:
         """One batch. Callers fix batch boundaries; here prompts are sorted by length so padding
-        stays small, and results come back in the callers' order."""
-        torch = self.torch
+        stays small, and results come back in the callers' order. `prefix` is not reused here."""
         texts = [self._format(p) for p in prompts]
-        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        enc = self.tok([texts[i] for i in order], return_tensors="pt", padding=True,
-                       add_special_tokens=self.card.prompt_format != "chat")
+        special = self.card.prompt_format != "chat"
+        n_prompt = [len(ids) for ids in self.tok(texts, add_special_tokens=special)["input_ids"]]
+        results: list[Completion | None] = [None] * len(texts)
+        fits = []
+        for i, n in enumerate(n_prompt):
+            if n >= self.card.context and not self.seq2seq:
+                results[i] = too_long(n)
+            else:
+                fits.append(i)
+        if fits:
+            order = sorted(fits, key=lambda i: -len(texts[i]))
+            for i, c in zip(order, self._generate([texts[i] for i in order], params, seeds[fits[0]])):
+                results[i] = c
+        return results  # type: ignore[return-value]
+
+    def _generate(self, texts: list[str], params: Decoding, seed: int) -> list[Completion]:
+        torch = self.torch
+        enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=self.card.prompt_format != "chat")
         n_prompt = enc["attention_mask"].sum(dim=1).tolist()
-        limit = self.card.context
-        if max(n_prompt) >= limit and not self.seq2seq:
-            raise PromptTooLong(f"prompt of {max(n_prompt)} tokens does not fit {self.card.name}'s context of {limit}")
         enc = enc.to(self.model.device)
         gen = dict(max_new_tokens=params.max_tokens, pad_token_id=self.tok.pad_token_id)
         if params.temperature > 0:
@@ -118,19 +144,29 @@ class HFBackend:
         else:
             gen.update(do_sample=False, temperature=None, top_k=None, top_p=None)
         if params.stop:
-            gen.update(stop_strings=list(params.stop), tokenizer=self.tok)
-        torch.manual_seed(seeds[0])  # the batch's first seed: fixed batches give fixed results
+            start = 0 if self.seq2seq else enc["input_ids"].shape[1]
+            gen["stopping_criteria"] = _stop_strings(self.tok, params.stop, start)
+        torch.manual_seed(seed)  # the batch's first seed: fixed batches give fixed results
         with torch.inference_mode():
             out = self.model.generate(**enc, **gen)
         if not self.seq2seq:
             out = out[:, enc["input_ids"].shape[1]:]
-        results: list[Completion | None] = [None] * len(texts)
-        for row, i in enumerate(order):
-            ids = out[row]
-            n_gen = int((ids != self.tok.pad_token_id).sum())
-            text = self.tok.decode(ids, skip_special_tokens=True)
-            results[i] = Completion(trim_at_stop(text, params.stop), int(n_prompt[row]), n_gen)
-        return results  # type: ignore[return-value]
+        eos = self.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+        results = []
+        for row, ids in enumerate(out.tolist()):
+            if self.seq2seq:
+                ids = ids[1:]  # the decoder start token
+            # Padding after the end: the generated part is everything up to the first pad/eos.
+            n_gen = next((k + 1 for k, t in enumerate(ids) if t in eos), None)
+            ended = n_gen is not None
+            if n_gen is None:
+                n_gen = sum(t != self.tok.pad_token_id for t in ids)
+            text = self.tok.decode(ids[:n_gen], skip_special_tokens=True)
+            trimmed = trim_at_stop(text, params.stop)
+            finish = "stop" if trimmed != text else "eos" if ended or n_gen < params.max_tokens else "length"
+            results.append(Completion(trimmed, int(n_prompt[row]), n_gen, finish))
+        return results
 
     def close(self) -> None:
         del self.model

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..config import ModelCard
 from ..errors import UserError
-from . import Completion, Decoding, PromptTooLong
+from . import Completion, Decoding, too_long
 
 _CONTEXT_WORDS = ("context", "too long", "maximum", "exceed")
 _TOKENIZERS = [("/extras/tokenize", "input"),  # llama-cpp-python
@@ -54,6 +54,10 @@ def preflight(card: ModelCard, card_path: Path) -> None:
                                 f"(it serves: {', '.join(map(str, served))})")
 
 
+class _PromptTooLong(Exception):
+    """The server refused the prompt as longer than its context."""
+
+
 class OpenAIBackend:
     def __init__(self, card: ModelCard, card_path: Path):
         preflight(card, card_path)
@@ -83,7 +87,8 @@ class OpenAIBackend:
         r = self._post(path, {"model": self.card.model, field: text})
         return len(r.json()["tokens"])
 
-    def generate(self, prompts: list[str], params: Decoding, seeds: list[int]) -> list[Completion]:
+    def generate(self, prompts: list[str], params: Decoding, seeds: list[int],
+                 prefix: str | None = None) -> list[Completion]:  # servers cache prefixes themselves
         if len(prompts) == 1:
             return [self._one(prompts[0], params, seeds[0])]
         with ThreadPoolExecutor(min(self.card.concurrency, len(prompts))) as pool:
@@ -102,11 +107,22 @@ class OpenAIBackend:
             path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": prompt}]
         else:
             path, body["prompt"] = "/v1/completions", prompt
-        data = self._post(path, body).json()
+        try:
+            data = self._post(path, body).json()
+        except _PromptTooLong:
+            return too_long()
         choice = data["choices"][0]
         text = (choice.get("message") or {}).get("content") if chat else choice.get("text")
         usage = data.get("usage") or {}
-        return Completion(text or "", usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
+        if choice.get("finish_reason") == "length":
+            finish = "length"
+        elif isinstance(choice.get("stop_reason"), str):
+            finish = "stop"
+        elif "stop_reason" in choice:  # vLLM: None or a token id means the end-of-text token
+            finish = "eos"
+        else:  # servers that do not say which
+            finish = "stop"
+        return Completion(text or "", usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), finish)
 
     def _post(self, path: str, body: dict):
         """POST with retries and backoff on connection errors, 429 and 5xx."""
@@ -127,7 +143,7 @@ class OpenAIBackend:
             if r.status_code != 200:
                 text = " ".join(r.text[:300].split())
                 if r.status_code in (400, 413, 422) and any(w in text.lower() for w in _CONTEXT_WORDS):
-                    raise PromptTooLong(f"{self.card.name}: the server says the prompt does not fit: {text}")
+                    raise _PromptTooLong(text)
                 raise UserError(f"{self.card.name}: the server at {self.card.base_url} answered "
                                 f"HTTP {r.status_code}: {text}")
             return r
