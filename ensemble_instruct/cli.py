@@ -100,9 +100,10 @@ def ensemble(
     from .store import read_jsonl, write_jsonl
 
     if run_dir is not None:
-        from . import pipeline, report
+        from . import report
+        from .stages import ensemble as stage
 
-        pipeline.stage_ensemble(_open(None, run_dir, False))
+        stage.run_stage(_open(None, run_dir, False))
         report.print_summary(run_dir)
         return
     if instances is None or out is None:
@@ -182,10 +183,10 @@ def models_check(card: str = typer.Argument(..., help="Card path or name (e.g. s
 
     from .backends import Decoding, load_backend
     from .config import load_card
-    from .pipeline import _peak_rss_mb, _peak_rss_reset
+    from .runner import peak_rss_mb, peak_rss_reset
 
     c, path = load_card(card)
-    _peak_rss_reset()
+    peak_rss_reset()
     t0 = time.perf_counter()
     backend = load_backend(c, path)
     load_s = time.perf_counter() - t0
@@ -194,7 +195,7 @@ def models_check(card: str = typer.Argument(..., help="Card path or name (e.g. s
     gen_s = time.perf_counter() - t0
     backend.close()
     typer.echo(f"{c.name}: loaded in {load_s:.1f} s, {out.completion_tokens} tokens in {gen_s:.1f} s "
-               f"({out.completion_tokens / gen_s:.1f} tok/s), peak RSS {_peak_rss_mb():.0f} MB")
+               f"({out.completion_tokens / gen_s:.1f} tok/s), peak RSS {peak_rss_mb():.0f} MB")
     typer.echo(f"  -> {out.text.strip()[:200]!r}")
 
 

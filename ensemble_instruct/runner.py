@@ -1,0 +1,159 @@
+"""What every generation stage shares: one model loaded at a time, metering, progress with an
+ETA, Ctrl-C, and the batched-request loop that makes a killed run resume without gaps.
+
+Requests go in batches with fixed boundaries (index // batch size), whatever was done before a
+stop, and each batch is appended with one write: results that depend on batch composition
+(batched decoding) come out the same on a rerun and on a resume.
+"""
+from __future__ import annotations
+
+import resource
+import signal
+import sys
+import time
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+from .backends import Backend, Completion, Decoding, load_backend
+from .config import ModelCard
+from .errors import Interrupted
+from .rundir import Run
+from .store import append_jsonl, read_jsonl
+
+
+def peak_rss_reset() -> None:
+    try:  # Linux: writing 5 resets the peak-RSS counter (VmHWM) for this process
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@contextmanager
+def loaded(run: Run, card: ModelCard, path: Path):
+    """Load one model, record load/free events and its peak memory, free it whatever happens."""
+    peak_rss_reset()
+    t0 = time.perf_counter()
+    run.manifest["events"].append({"event": "load", "model": card.name, "time": time.time()})
+    backend = load_backend(card, path)
+    load_s = time.perf_counter() - t0
+    try:
+        yield backend
+    finally:
+        backend.close()
+        run.manifest["events"].append({"event": "free", "model": card.name, "time": time.time(),
+                                       "load_s": round(load_s, 2), "peak_rss_mb": round(peak_rss_mb(), 1)})
+        run.save_manifest()
+
+
+class Meter:
+    """Time, tokens and how completions ended, for one stage in this session, added to the
+    manifest's totals (also when the stage stops early or fails: the time was spent)."""
+
+    def __init__(self, run: Run, key: str, model: str):
+        self.run, self.key, self.model = run, key, model
+        self.t0, self.prompt, self.gen, self.finish = time.perf_counter(), 0, 0, Counter()
+
+    def add(self, completions: list[Completion]) -> None:
+        for c in completions:
+            self.prompt += c.prompt_tokens
+            self.gen += c.completion_tokens
+            self.finish[c.finish] += 1
+
+    def __enter__(self) -> "Meter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        t = self.run.manifest["timings"].setdefault(self.key, {"model": self.model, "seconds": 0.0,
+                                                                "prompt_tokens": 0, "completion_tokens": 0})
+        t["seconds"] = round(t["seconds"] + time.perf_counter() - self.t0, 2)
+        t["prompt_tokens"] += self.prompt
+        t["completion_tokens"] += self.gen
+        t["tokens_per_s"] = round(t["completion_tokens"] / t["seconds"], 2) if t["seconds"] else 0.0
+        t["peak_rss_mb"] = round(max(t.get("peak_rss_mb", 0), peak_rss_mb()), 1)
+        finish = Counter(t.get("finish", {})) + self.finish
+        t["finish"] = dict(sorted(finish.items()))
+        total = sum(finish.values())
+        t["length_share"] = round(finish["length"] / total, 4) if total else 0.0
+        self.run.save_manifest()
+
+
+@contextmanager
+def progress_bar(description: str, total: int, done: int = 0):
+    """A rich progress bar with elapsed time, ETA and generated tokens/s; yields advance(n, completions)."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[rate]}"),
+                  transient=False) as p:
+        task = p.add_task(description, total=total, completed=done, rate="")
+        start, tokens = time.perf_counter(), 0
+
+        def advance(n: int, completions=()) -> None:
+            nonlocal tokens
+            tokens += sum(c.completion_tokens for c in completions)
+            elapsed = time.perf_counter() - start
+            p.update(task, advance=n, rate=f"{tokens / elapsed:.1f} tok/s" if elapsed > 0 and tokens else "")
+        yield advance
+
+
+def check_stop(run: Run, where: str) -> None:
+    if run.stop_requested:
+        raise Interrupted(f"stopped during {where}; everything finished so far is on disk in {run.dir}. "
+                          f"Resume with: python run.py generate --out {run.dir}")
+
+
+@contextmanager
+def stop_on_ctrl_c(run: Run):
+    """First Ctrl-C: finish the current batch, then stop. Second: stop at once."""
+    def handler(signum, frame):
+        if run.stop_requested:
+            raise KeyboardInterrupt
+        run.stop_requested = True
+        print("\nstopping after the current batch (Ctrl-C again to stop at once)...", file=sys.stderr)
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def done_ids(path: Path) -> set[str]:
+    return {r["id"] for r in read_jsonl(path, repair=True)}
+
+
+def run_batches(run: Run, backend: Backend, *, key: str, where: str, path: Path, todo: list[dict],
+                params: Decoding, request: Callable[[int, dict], tuple[str, int]],
+                record: Callable[[dict, int, Completion], dict], prefix: str | None = None) -> None:
+    """Generate one record per item of `todo` (each has an `id`) into `path`, skipping ids on disk.
+
+    request(index, item) -> (prompt, seed); record(item, seed, completion) -> the JSONL record.
+    """
+    done = done_ids(path)
+    size = backend.batch_size
+    with Meter(run, key, backend.card.name) as meter, \
+            progress_bar(key.replace("_", " "), len(todo), sum(it["id"] in done for it in todo)) as advance:
+        for start in range(0, len(todo), size):
+            batch = todo[start:start + size]
+            if all(it["id"] in done for it in batch):
+                continue
+            check_stop(run, where)
+            prompts, seeds = zip(*(request(start + k, it) for k, it in enumerate(batch)))
+            completions = backend.generate(list(prompts), params, list(seeds), prefix=prefix)
+            meter.add(completions)
+            # A torn batch keeps its head on disk: append only what is missing.
+            records = [record(it, s, c) for it, s, c in zip(batch, seeds, completions) if it["id"] not in done]
+            append_jsonl(path, records)
+            advance(len(records), completions)

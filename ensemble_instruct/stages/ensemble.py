@@ -1,0 +1,33 @@
+"""Stage 4: the ensemble decision for every usable instance (CPU only; rewritten whole each time:
+it takes seconds and needs no resume)."""
+from __future__ import annotations
+
+from ..ensemble import decision_record, ensemble
+from ..errors import UserError
+from ..rundir import TYPES, Run
+from ..store import read_jsonl, write_jsonl
+from . import instances, outputs
+
+
+def run_stage(run: Run) -> None:
+    kept_all = []
+    sources = [run.generator[0].name, *(c.name for c, _ in run.extras)]
+    for typ in TYPES:
+        usable = instances.usable(run, typ)
+        columns = []
+        for card, _ in run.extras:
+            p = outputs.path(run, card, typ)
+            # An output that can never be kept (looping, no room in the context) counts as empty.
+            table = {r["id"]: "" if r.get("reason") else r["output"] for r in read_jsonl(p)}
+            missing = [it["id"] for it in usable if it["id"] not in table]
+            if missing:
+                raise UserError(f"{p}: no output for {missing[0]} ({len(missing)} missing): run the outputs stage first")
+            columns.append([table[it["id"]] for it in usable])
+        cands = [[it["output"], *(col[k] for col in columns)] for k, it in enumerate(usable)]
+        decisions = ensemble(cands, run.cfg.ensemble.threshold) if cands else []
+        records = [{**decision_record(it, d, sources), "kept": d.kept} for it, d in zip(usable, decisions)]
+        write_jsonl(run.file(f"ensemble_{typ}.jsonl"), records)
+        kept_all += [{k: v for k, v in r.items() if k != "kept"} for r in records if r["kept"]]
+    write_jsonl(run.file("dataset.jsonl"), kept_all)
+    run.manifest["dataset_size"] = len(kept_all)
+    run.save_manifest()

@@ -1,0 +1,54 @@
+"""Stage 3: each extra model answers every usable instance zero-shot and greedily, as in the
+reference implementation: the instruction, a new line, the input; stop at a blank line or |EoS|."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import templates
+from ..backends import Backend, Decoding
+from ..config import ModelCard
+from ..parsing import echo, repetitive
+from ..runner import done_ids, run_batches
+from ..rundir import Run, seed_for
+from . import instances
+
+
+def path(run: Run, card: ModelCard, typ: str) -> Path:
+    return run.file(f"outputs_{card.name}_{typ}.jsonl")
+
+
+def pending(run: Run, card: ModelCard, typ: str) -> bool:
+    done = done_ids(path(run, card, typ))
+    return any(it["id"] not in done for it in instances.usable(run, typ))
+
+
+def reason(text: str, finish: str, instance: dict) -> str | None:
+    """Why an extra output can never be kept (None: it is a candidate)."""
+    if finish == "prompt_too_long":
+        return "prompt_too_long"
+    if not text:
+        return "empty_output"
+    if "\ufffd" in text:
+        return "invalid_text"
+    if repetitive(text):
+        return "repetitive"
+    if echo(text, instance["instruction"], instance["input"]):
+        return "echo"
+    return None
+
+
+def run_stage(run: Run, backend: Backend, typ: str) -> None:
+    card, c = backend.card, run.cfg.outputs
+    template = templates.load(card.output_template or "output.txt", run.cfg.path(run.cfg.templates_dir))
+
+    def request(index: int, it: dict) -> tuple[str, int]:
+        return (templates.output_prompt(template, it["instruction"], it["input"]),
+                seed_for(run.cfg.seed, f"outputs/{card.name}", typ, index))
+
+    def record(it: dict, seed: int, comp) -> dict:
+        text = comp.text.strip()
+        return {"id": it["id"], "output": text, "reason": reason(text, comp.finish, it), "finish": comp.finish}
+
+    run_batches(run, backend, key=f"outputs_{card.name}_{typ}", where=f"extra outputs ({card.name}, {typ})",
+                path=path(run, card, typ), todo=instances.usable(run, typ),
+                params=Decoding(c.max_tokens, stop=(*c.stop, *card.output_stop)), request=request, record=record)
