@@ -10,7 +10,7 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -63,7 +63,12 @@ class ModelCard(Strict):
     prompt_format: Literal["plain", "chat"] = "plain"
     gpu_layers: int = Field(-1, ge=-1)  # llama.cpp: -1 all, 0 none (CPU), N layers
     threads: int = Field(0, ge=0)  # CPU threads; 0 = all cores
+    parallel: int = Field(1, ge=1)  # llama.cpp: sequences decoded together (one KV cache of `context` each)
     batch_size: int = Field(1, ge=1)  # transformers: prompts per generate() call
+    # extra-output stage, for this model: its own prompt template (a file in the templates folder;
+    # a base model needs a cue to answer) and stop strings added to [outputs] stop
+    output_template: Optional[str] = None
+    output_stop: list[str] = []
     memory_gb: float = Field(0.0, ge=0)  # estimated peak memory, shown by `models`
     license: str = ""
     description: str = ""
@@ -104,12 +109,15 @@ class InstructionsCfg(Sampling):
 
 
 class InstancesCfg(Sampling):
-    demos: PerType = PerType(A=18, B=15)
+    # "fixed": the demonstrations written in templates/instances_{A,B}.txt (18 / 15), one prefix
+    # shared by every request; {A = n, B = m}: n / m seed tasks sampled per request.
+    demos: Union[Literal["fixed"], PerType] = "fixed"
     max_tokens: int = Field(512, ge=1)
 
 
 class OutputsCfg(Strict):
     max_tokens: int = Field(256, ge=1)
+    stop: list[str] = ["\n\n", "|EoS|"]  # as the reference implementation
 
 
 class EnsembleCfg(Strict):

@@ -6,14 +6,15 @@ import string
 
 from .templates import EOS
 
-_ITEM_SPLIT = re.compile(r"\n\s*\d+\s*\.")
+# The reference's `\n\d+\s?\. ` ("amount:\n2.5 liters" is not a new item), and a bare "27." at the end.
+_ITEM_SPLIT = re.compile(r"\n\d+\s?\.(?: |$)")
 _WS = re.compile(r"\s+")
 _BLOCKED = re.compile(r"\b(images?|graphs?|pictures?|files?|maps?|draw|plot|go to)\b", re.IGNORECASE)
 
 
 def split_items(completion: str) -> list[str]:
-    """The text after the prompt's `k+1.` is the first item; a new line starting with a number
-    and a dot starts the next one. Whitespace is collapsed and `|EoS|` removed."""
+    """The text after the prompt's `k+1.` is the first item; a new line starting with a number,
+    an optional space, a dot and a space starts the next one. Whitespace is collapsed and `|EoS|` removed."""
     items = (_WS.sub(" ", piece.replace(EOS, " ")).strip() for piece in _ITEM_SPLIT.split(completion))
     return [item for item in items if item]
 

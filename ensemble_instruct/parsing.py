@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 
 from .templates import EOS
@@ -29,14 +30,60 @@ def _cut(text: str) -> str:
     return text[: m.start()] if m else text
 
 
-def repetitive(text: str) -> bool:
-    """A model stuck in a loop: long text that compresses to under a tenth of its size
-    (ordinary prose and code compress to 30-60%)."""
+_DIGITS = re.compile(r"\d+")
+
+
+def _loops_3grams(words: list[str]) -> bool:
+    grams = list(zip(words, words[1:], words[2:]))
+    return len(set(grams)) * 2 < len(grams)
+
+
+def _compresses_10x(text: str) -> bool:
     data = text.encode("utf-8")
     return len(data) >= 200 and len(zlib.compress(data)) < 0.1 * len(data)
 
 
-def parse_instance(completion: str, with_input: bool) -> Parsed:
+def repetitive(text: str) -> bool:
+    """A model stuck in a loop: mostly one repeated line (line numbers aside: "1. Yes 2. Yes"),
+    mostly repeated word 3-grams, or long text that compresses to under a tenth of its size
+    (prose and code: 30-60%). Long runs where only the numbers change ("160, 165, 170, ...")
+    count too; a short list of numbers does not."""
+    counted = _DIGITS.sub("0", text)
+    lines = [line.strip(" \t.-–•*") for line in counted.splitlines()]
+    lines = [line for line in lines if line]
+    if len(lines) >= 3:
+        top = Counter(lines).most_common(1)[0][1]
+        if top >= 3 and top * 2 >= len(lines):
+            return True
+    words, counted_words = text.lower().split(), counted.lower().split()
+    if len(words) >= 12 and _loops_3grams(words) or len(words) >= 60 and _loops_3grams(counted_words):
+        return True
+    return _compresses_10x(text) or _compresses_10x(re.sub(r"\d", "0", text))
+
+
+def _norm(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def echo(output: str, instruction: str, input: str = "") -> bool:
+    """An output that only repeats the instruction or the input (case and punctuation aside)."""
+    out = _norm(output)
+    return bool(out) and out in (_norm(instruction), _norm(input))
+
+
+def parse_instance(completion: str, with_input: bool, instruction: str = "", finish: str = "stop") -> Parsed:
+    """`finish` is why generation ended: a completion cut at the token limit is incomplete."""
+    if finish == "prompt_too_long":
+        return Parsed("", "", "prompt_too_long")
+    p = _parse(completion, with_input)
+    if p.reason is None and finish == "length":
+        p.reason = "token_limit"
+    if p.reason is None and echo(p.output, instruction, p.input):
+        p.reason = "echo"
+    return p
+
+
+def _parse(completion: str, with_input: bool) -> Parsed:
     text = _cut(completion.replace("\r\n", "\n"))
     if "\ufffd" in text:  # undecodable bytes from the model
         return Parsed("", "", "invalid_text")

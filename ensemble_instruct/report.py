@@ -193,9 +193,12 @@ def build_report(run_dir: Path, sample: int = 5) -> Path:
     md += [_table(["", "type A", "type B"],
                   [[label, *(fmt(f[t][k]) if isinstance(f[t][k], dict) else f[t][k] for t in TYPES)] for k, label in keys])]
     md += ["", "## Cost per stage", ""]
-    rows = [[k, t["model"], t["seconds"], t["prompt_tokens"], t["completion_tokens"], t["tokens_per_s"], t.get("peak_rss_mb", "")]
+    rows = [[k, t["model"], t["seconds"], t["prompt_tokens"], t["completion_tokens"], t["tokens_per_s"],
+             f'{100 * t["length_share"]:.1f}%' if "length_share" in t else "", fmt(t.get("finish", {})),
+             t.get("peak_rss_mb", "")]
             for k, t in manifest.get("timings", {}).items()]
-    md += [_table(["stage", "model", "wall s", "prompt tokens", "generated tokens", "tokens/s", "peak RSS MB"], rows)]
+    md += [_table(["stage", "model", "wall s", "prompt tokens", "generated tokens", "tokens/s", "hit token limit",
+                   "how completions ended", "peak RSS MB"], rows)]
     md += ["", "## Plots", ""] + [f"### {title}\n\n![{title}]({name})\n" for name, title in plots]
     md += ["## Most frequent leading words", "",
            _table(["word", "instructions"], leading_verbs(data["instructions"]["A"] + data["instructions"]["B"])), ""]

@@ -30,9 +30,20 @@ def fill(template: str, **values: str) -> str:
     return _FIELD.sub(sub, template)
 
 
+def prefix(template: str, field: str) -> str:
+    """The template's text before `{field}`: what every prompt made from it starts with."""
+    return template.split("{" + field + "}", 1)[0]
+
+
+def shown_instruction(text: str) -> str:
+    """An instruction as the numbered list shows it (as the reference implementation does):
+    whitespace collapsed, a trailing colon stripped."""
+    return re.sub(r"\s+", " ", text).strip().rstrip(":")
+
+
 def instruction_prompt(template: str, instructions: list[str]) -> str:
     """Numbered list `N. text |EoS|`, then `k+1.` for the model to continue."""
-    tasks = "".join(f"{n}. {text} {EOS}\n" for n, text in enumerate(instructions, 1))
+    tasks = "".join(f"{n}. {shown_instruction(text)} {EOS}\n" for n, text in enumerate(instructions, 1))
     return fill(template, tasks=tasks, next=str(len(instructions) + 1))
 
 
@@ -47,4 +58,6 @@ def instance_prompt(template: str, demos: list[SeedTask], instruction: str, with
 
 
 def output_prompt(template: str, instruction: str, input: str) -> str:
-    return fill(template, instruction=instruction, input=input).rstrip("\n")
+    """As the reference: instruction and input stripped, joined by the template (a new line);
+    a type-B prompt thus ends with the new line."""
+    return fill(template, instruction=instruction.strip(), input=input.strip())
