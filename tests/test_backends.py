@@ -2,7 +2,7 @@
 import pytest
 
 from conftest import ROOT
-from ensemble_instruct.backends import Decoding, PromptTooLong, load_backend, trim_at_stop
+from ensemble_instruct.backends import Decoding, load_backend, stop_at, trim_at_stop
 from ensemble_instruct.config import ModelCard, load_card
 from ensemble_instruct.errors import UserError
 
@@ -26,6 +26,9 @@ def test_trim_at_stop():
     assert trim_at_stop("abc |EoS| def", ("|EoS|",)) == "abc "
     assert trim_at_stop("abc", ("|EoS|", "\n")) == "abc"
     assert trim_at_stop("a\nb|EoS|", ("|EoS|", "\n")) == "a"
+    # a model that opens its answer with blank lines has not finished it
+    assert trim_at_stop("\n\nParis.\n\nMore", ("\n\n",)) == "\n\nParis."
+    assert stop_at(b"  x|EoS|", (b"|EoS|",)) == 3
 
 
 def test_llamacpp_seeds_are_reproducible_and_stop_is_trimmed(smollm):
@@ -41,8 +44,10 @@ def test_llamacpp_seeds_are_reproducible_and_stop_is_trimmed(smollm):
 
 
 def test_llamacpp_prompt_longer_than_context(smollm):
-    with pytest.raises(PromptTooLong, match="does not fit"):
-        smollm.generate(["word " * 9000], Decoding(max_tokens=8), [0])
+    """A prompt with no room to generate is that request's finish reason; the batch goes on."""
+    out = smollm.generate(["word " * 9000, PROMPT], Decoding(max_tokens=8), [0, 0])
+    assert (out[0].text, out[0].finish) == ("", "prompt_too_long")
+    assert out[1].finish in ("length", "stop", "eos") and out[1].text
 
 
 def test_gemma_assembles_from_its_packages():
@@ -138,3 +143,64 @@ def test_models_list_and_check():
     assert r.returncode == 0 and "tok/s" in r.stdout and "peak RSS" in r.stdout, r.stderr[-2000:]
     r = subprocess.run([sys.executable, str(ROOT / "run.py"), "models", "check", "nope"], capture_output=True, text=True)
     assert r.returncode == 2 and "model card not found" in r.stderr
+
+
+NEW = ["Convert the temperature from Fahrenheit to Celsius.", "Name the author of the given book.",
+       "Give an antonym for the given word.", "Sort the list of numbers in ascending order."]
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_prefix_reuse_and_batches_are_byte_identical(name):
+    """The fixed instance prefix evaluated once and copied vs every prompt evaluated whole: the same
+    bytes for the same seeds; and a rerun of the same batches gives the same bytes again."""
+    from ensemble_instruct import templates
+    from ensemble_instruct.backends.llamacpp import LlamaCppBackend
+    from ensemble_instruct.config import resolve_weights
+    from ensemble_instruct.stages.instances import STOP
+
+    card, path = load_card(name)
+    card = card.model_copy(update={"parallel": 2})
+    tpl = templates.load("instances_B.txt")
+    prefix = templates.prefix(tpl, "instruction")
+    prompts = [templates.fill(tpl, instruction=t) for t in NEW]
+    p = Decoding(max_tokens=24, temperature=0.7, top_k=50, top_p=1.0, stop=STOP)
+    seeds = [11, 12, 13, 14]
+    on = LlamaCppBackend(card, resolve_weights(card, path))
+    first = on.generate(prompts, p, seeds, prefix=prefix)
+    on.generate(["An unrelated prompt"], p, [1], prefix="An unrelated")  # the prefix slot changes
+    again = on.generate(prompts, p, seeds, prefix=prefix)
+    on.close()
+    off = LlamaCppBackend(card, resolve_weights(card, path), reuse_prefix=False)
+    whole = off.generate(prompts, p, seeds, prefix=prefix)
+    off.close()
+    assert [c.text for c in first] == [c.text for c in again] == [c.text for c in whole]
+    assert [c.finish for c in first] == [c.finish for c in whole]
+    assert all(c.text.strip() and c.prompt_tokens > 1000 for c in first)
+
+
+def test_parallel_sequences_equal_one_at_a_time_for_smollm(smollm):
+    """SmolLM2 happens to give the same bytes batched and alone (Gemma does not: batch boundaries
+    are fixed by the pipeline for that reason); either way each sequence keeps its own seed."""
+    p = Decoding(max_tokens=20, temperature=0.7, top_k=50, top_p=1.0)
+    prompts = [PROMPT, "Name a red fruit.\n", PROMPT, "The capital of France is"]
+    together = smollm.generate(prompts, p, [1, 2, 3, 4])
+    alone = [smollm.generate([q], p, [s])[0] for q, s in zip(prompts, [1, 2, 3, 4])]
+    assert [c.text for c in together] == [c.text for c in alone]
+    assert together[0].text != together[2].text  # same prompt, other seed
+    assert smollm.parallel == 16 and smollm.batch_size == 16
+
+
+def test_card_parallel_is_part_of_the_run_fingerprint(tmp_path):
+    from ensemble_instruct.rundir import open_run
+
+    (tmp_path / "q").mkdir()
+    for n in ("smollm2-135m", "gemma3-270m", "smollm2-135m-hf-nf4"):
+        (tmp_path / "q" / f"{n}.toml").write_text((ROOT / "quantized" / f"{n}.toml").read_text())
+    cfg = (ROOT / "configs" / "ci.toml").read_text().replace('"quantized/', f'"{tmp_path}/q/')
+    cfg = f'seeds_file = "{ROOT}/seeds/seed_tasks.jsonl"\ntemplates_dir = "{ROOT}/templates"\n' + cfg
+    (tmp_path / "c.toml").write_text(cfg)
+    open_run(tmp_path / "c.toml", tmp_path / "run")
+    card = tmp_path / "q" / "smollm2-135m.toml"
+    card.write_text(card.read_text().replace("parallel = 16", "parallel = 4"))
+    with pytest.raises(UserError, match=r"parallel \(16 -> 4\)"):
+        open_run(tmp_path / "c.toml", tmp_path / "run")

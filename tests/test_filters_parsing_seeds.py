@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -86,8 +87,59 @@ def test_parse_type_b():
 def test_templates_fill_without_reexpanding_data():
     tasks = load_seeds(SEEDS)
     a = split_types(tasks)["A"]
-    t = templates.load("instances_A.txt")
+    t = templates.load("instances_random_A.txt")
     prompt = templates.instance_prompt(t, a[:2], "Use {demos} literally", True)
     assert prompt.count("|EoS|") == 2 and prompt.endswith("instruction: Use {demos} literally\ninput:")
     p = templates.instruction_prompt(templates.load("instructions_B.txt"), ["x y z w", "a b c d"])
     assert "1. x y z w |EoS|\n2. a b c d |EoS|\n3." in p and p.endswith("3.")
+
+
+def test_split_items_only_at_numbered_list_items():
+    """As the reference (`\\n\\d+\\s?\\. `): a line that starts with a decimal is not a new item."""
+    c = "Convert the amount:\n2.5 liters to gallons. |EoS|\n5 . Name a bird that cannot fly. |EoS|\n6."
+    assert split_items(c) == ["Convert the amount: 2.5 liters to gallons.", "Name a bird that cannot fly."]
+
+
+def test_instruction_prompt_shows_seeds_normalized():
+    p = templates.instruction_prompt("{tasks}{next}.", ["Fix the   grammar:\n", "Name a fruit."])
+    assert p == "1. Fix the grammar |EoS|\n2. Name a fruit. |EoS|\n3."
+
+
+@pytest.mark.parametrize("text,loops", [
+    ("The machine is a machine that can perform tasks. " * 20, True),
+    ("Yes\nYes\nYes\nNo", True),
+    ("1. Yes\n2. Yes\n3. Yes\n4. Yes", True),  # only the numbers differ
+    (", ".join(str(160 + 5 * k) for k in range(60)), True),  # a counting loop
+    ("1, 2, 3, 5, 8, 13", False),  # a short list of numbers is an answer
+    ("def add(a, b):\n    return a + b\n\nprint(add(1, 2))", False),
+    ("Paris is the capital of France. It lies on the Seine and has about two million people.", False),
+    ("- apples\n- pears\n- plums\n- cherries", False),
+])
+def test_repetitive(text, loops):
+    from ensemble_instruct.parsing import repetitive
+    assert repetitive(text) is loops
+
+
+def test_instance_finish_reasons_and_echo():
+    assert parse_instance(" 42\n", False, "What is 6 x 7?", "length").reason == "token_limit"
+    assert parse_instance("", False, "x", "prompt_too_long").reason == "prompt_too_long"
+    assert parse_instance(" What is 6 x 7\n", False, "What is 6 x 7?", "stop").reason == "echo"
+    assert parse_instance(" 42\n", False, "What is 6 x 7?", "eos").reason is None
+    from ensemble_instruct.stages.outputs import reason
+    inst = {"instruction": "Name a fruit.", "input": ""}
+    assert reason("", "stop", inst) == "empty_output"
+    assert reason("name a fruit", "stop", inst) == "echo"
+    assert reason("Apple.", "length", inst) is None  # an extra output may be cut: the ensemble judges it
+    assert reason("", "prompt_too_long", inst) == "prompt_too_long"
+
+
+def test_fixed_instance_prefixes_are_the_reference_demos():
+    """18 (A) and 15 (B) seed demonstrations, every prompt of a type starting with the same text."""
+    seeds = {t.instruction.strip() for t in load_seeds(SEEDS)}
+    for typ, n in (("A", 18), ("B", 15)):
+        tpl = templates.load(f"instances_{typ}.txt")
+        pre = templates.prefix(tpl, "instruction")
+        assert pre.count("instruction:") == n + 1 and pre.count(templates.EOS) == n
+        shown = re.findall(r"^instruction: (.*?)\n(?:input|output):", pre, re.DOTALL | re.MULTILINE)
+        assert len(shown) == n and all(s.strip() in seeds for s in shown), typ
+        assert templates.fill(tpl, instruction="Name a fruit.").startswith(pre)

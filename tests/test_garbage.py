@@ -2,7 +2,8 @@
 import json
 
 from conftest import ROOT
-from ensemble_instruct import pipeline
+from ensemble_instruct import rundir
+from ensemble_instruct.stages import ensemble, instances, instructions, outputs
 from ensemble_instruct.backends import Completion
 from ensemble_instruct.report import funnel
 
@@ -20,12 +21,12 @@ class GarbageModel:
     def count_tokens(self, text):
         return len(text) // 4
 
-    def generate(self, prompts, params, seeds):
+    def generate(self, prompts, params, seeds, prefix=None):
         out = []
         for _ in prompts:
             text = GARBAGE[self.n % len(GARBAGE)]
             self.n += 1
-            out.append(Completion(text, 10, len(text.split())))
+            out.append(Completion(text, 10, len(text.split()), "length" if len(text) > 500 else "stop"))
         return out
 
     def close(self):
@@ -40,37 +41,37 @@ VALID = ["Rewrite the following sentence as a polite question.", "Translate this
 class EchoThenGarbage(GarbageModel):
     """Valid, distinct instructions (so later stages get work), then garbage for everything else."""
 
-    def generate(self, prompts, params, seeds):
+    def generate(self, prompts, params, seeds, prefix=None):
         if "instruction:" in prompts[0]:
             return super().generate(prompts, params, seeds)
         self.n += len(prompts)
-        return [Completion(f" {VALID[(self.n - len(prompts) + i) % len(VALID)]} ", 10, 9) for i in range(len(prompts))]
+        return [Completion(f" {VALID[(self.n - len(prompts) + i) % len(VALID)]} ", 10, 9, "stop") for i in range(len(prompts))]
 
 
 def test_garbage_everywhere_is_counted_not_fatal(tmp_path):
-    run = pipeline.open_run(ROOT / "configs" / "ci.toml", tmp_path / "run")
+    run = rundir.open_run(ROOT / "configs" / "ci.toml", tmp_path / "run")
     gen = GarbageModel(run.generator[0])
-    for typ in pipeline.TYPES:
-        pipeline.stage_instructions(run, gen, typ)  # nothing usable: stops at max requests
+    for typ in rundir.TYPES:
+        instructions.run_stage(run, gen, typ)  # nothing usable: stops at max requests
     f = funnel(run.dir)
     assert f["A"]["accepted_instructions"] == 0 and f["A"]["requests"] == 2 * run.cfg.instructions.max_requests_factor
     assert f["A"]["instruction_rejected"]  # the reasons are counted
 
 
 def test_garbage_instances_and_outputs(tmp_path):
-    run = pipeline.open_run(ROOT / "configs" / "ci.toml", tmp_path / "run")
+    run = rundir.open_run(ROOT / "configs" / "ci.toml", tmp_path / "run")
     gen = EchoThenGarbage(run.generator[0])
-    for typ in pipeline.TYPES:
-        pipeline.stage_instructions(run, gen, typ)
-        pipeline.stage_instances(run, gen, typ)
+    for typ in rundir.TYPES:
+        instructions.run_stage(run, gen, typ)
+        instances.run_stage(run, gen, typ)
     for card, _ in run.extras:
-        for typ in pipeline.TYPES:
-            pipeline.stage_outputs(run, GarbageModel(card), typ)
-    pipeline.stage_ensemble(run)
+        for typ in rundir.TYPES:
+            outputs.run_stage(run, GarbageModel(card), typ)
+    ensemble.run_stage(run)
     f = funnel(run.dir)
     assert f["A"]["accepted_instructions"] == 2 and f["B"]["accepted_instructions"] == 1
     dropped = {**f["A"]["instance_dropped"], **f["B"]["instance_dropped"]}
-    assert set(dropped) <= {"empty_output", "no_output_field", "invalid_text", "repetitive", "empty_input"}
+    assert set(dropped) <= {"empty_output", "no_output_field", "invalid_text", "repetitive", "empty_input", "token_limit", "echo"}
     assert sum(dropped.values()) + f["A"]["usable_instances"] + f["B"]["usable_instances"] == 3
     dataset = [json.loads(l) for l in (run.dir / "dataset.jsonl").read_text().splitlines()]
     assert all(r["output"].strip() for r in dataset)
