@@ -9,6 +9,7 @@
     python bench/bench_generation.py [--prompts 8] [--max-tokens 128] [--skip-rss]
 """
 import argparse
+import os
 import random
 import subprocess
 import sys
@@ -34,8 +35,9 @@ def prompts(n: int) -> list[str]:
 def bare(path: Path, card, ps, params, seeds):
     import llama_cpp
 
+    threads = card.threads or os.cpu_count()  # as our backend (Llama's default is half the cores)
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=card.context, n_gpu_layers=card.gpu_layers,
-                          n_threads=card.threads, n_threads_batch=card.threads, seed=0, verbose=False)
+                          n_threads=threads, n_threads_batch=threads, seed=0, verbose=False)
     t0, tokens = time.perf_counter(), 0
     for p, s in zip(ps, seeds):
         llm.reset()
@@ -49,7 +51,7 @@ def bare(path: Path, card, ps, params, seeds):
 
 
 def ours(card, card_path, ps, params, seeds):
-    b = load_backend(card, card_path)
+    b = load_backend(card.model_copy(update={"parallel": 1}), card_path)  # a single stream, as the bare loop
     t0 = time.perf_counter()
     outs = b.generate(ps, params, seeds)
     dt = time.perf_counter() - t0
@@ -76,7 +78,7 @@ def main():
     assert {t for t, _ in runs_bare} == {t for t, _ in runs_ours}, "different token counts: not the same work"
     tb = max(t / d for t, d in runs_bare)
     to = max(t / d for t, d in runs_ours)
-    print(f"generation, {card.name}, {len(ps)} prompts x up to {args.max_tokens} tokens, {card.threads} thread(s), "
+    print(f"generation, {card.name}, {len(ps)} prompts x up to {args.max_tokens} tokens, {card.threads or os.cpu_count()} thread(s), "
           f"{runs_bare[0][0]} tokens each run")
     print(f"bare llama_cpp create_completion loop: {tb:.1f} tok/s")
     print(f"ensemble-instruct llama.cpp backend:  {to:.1f} tok/s")
