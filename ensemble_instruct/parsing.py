@@ -65,10 +65,14 @@ def _norm(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
+_LABEL = re.compile(r"^\s*[A-Za-z][\w ]{0,30}:\s*")  # "Sentence: ", "Original text: "
+
+
 def echo(output: str, instruction: str, input: str = "") -> bool:
-    """An output that only repeats the instruction or the input (case and punctuation aside)."""
+    """An output that only repeats the instruction or the input (case and punctuation aside, and
+    the input's leading label: "Sentence: I am here." -> "I am here.")."""
     out = _norm(output)
-    return bool(out) and out in (_norm(instruction), _norm(input))
+    return bool(out) and out in (_norm(instruction), _norm(input), _norm(_LABEL.sub("", input, count=1)))
 
 
 def parse_instance(completion: str, with_input: bool, instruction: str = "", finish: str = "stop") -> Parsed:
@@ -76,6 +80,8 @@ def parse_instance(completion: str, with_input: bool, instruction: str = "", fin
     if finish == "prompt_too_long":
         return Parsed("", "", "prompt_too_long")
     p = _parse(completion, with_input)
+    if p.reason is None and finish == "loop":  # the backend cut a loop short
+        p.reason = "repetitive"
     if p.reason is None and finish == "length":
         p.reason = "token_limit"
     if p.reason is None and echo(p.output, instruction, p.input):

@@ -140,11 +140,26 @@ def run_batches(run: Run, backend: Backend, *, key: str, where: str, path: Path,
     """Generate one record per item of `todo` (each has an `id`) into `path`, skipping ids on disk.
 
     request(index, item) -> (prompt, seed); record(item, seed, completion) -> the JSONL record.
+    Local backends go batch by batch with fixed boundaries (batched decoding depends on them); a
+    backend with `stream` (a server) keeps a window of requests in flight across the whole stage.
     """
     done = done_ids(path)
-    size = backend.batch_size
     with Meter(run, key, backend.card.name) as meter, \
             progress_bar(key.replace("_", " "), len(todo), sum(it["id"] in done for it in todo)) as advance:
+        if hasattr(backend, "stream"):  # a server: a sliding window of requests, each record appended when ready
+            left = [(k, it) for k, it in enumerate(todo) if it["id"] not in done]
+            reqs = [request(k, it) for k, it in left]
+            completions = backend.stream([p for p, _ in reqs], params, [s for _, s in reqs])
+            try:
+                for (_, it), (_, seed), c in zip(left, reqs, completions):
+                    meter.add([c])
+                    append_jsonl(path, [record(it, seed, c)])
+                    advance(1, [c])
+                    check_stop(run, where)
+            finally:
+                completions.close()  # a stop or an error: cancel what was not sent
+            return
+        size = backend.batch_size
         for start in range(0, len(todo), size):
             batch = todo[start:start + size]
             if all(it["id"] in done for it in batch):

@@ -175,7 +175,7 @@ def test_prefix_reuse_and_batches_are_byte_identical(name):
     off.close()
     assert [c.text for c in first] == [c.text for c in again] == [c.text for c in whole]
     assert [c.finish for c in first] == [c.finish for c in whole]
-    assert all(c.text.strip() and c.prompt_tokens > 1000 for c in first)
+    assert all(c.prompt_tokens > 700 for c in first) and sum(bool(c.text.strip()) for c in first) >= 3
 
 
 def test_parallel_sequences_equal_one_at_a_time_for_smollm(smollm):
@@ -204,3 +204,12 @@ def test_card_parallel_is_part_of_the_run_fingerprint(tmp_path):
     card.write_text(card.read_text().replace("parallel = 16", "parallel = 4"))
     with pytest.raises(UserError, match=r"parallel \(16 -> 4\)"):
         open_run(tmp_path / "c.toml", tmp_path / "run")
+
+
+def test_llamacpp_cuts_a_loop_short(smollm):
+    """stop_loops: a completion that has become a repetition loop ends early with finish "loop"."""
+    prompt = "Repeat after me.\n" + "I like apples.\n" * 40
+    p = Decoding(max_tokens=400, stop_loops=True)
+    out = smollm.generate([prompt], p, [0])[0]
+    assert out.finish == "loop" and out.completion_tokens < 400
+    assert smollm.generate([prompt], Decoding(max_tokens=400), [0])[0].finish == "length"

@@ -125,6 +125,7 @@ def test_instance_finish_reasons_and_echo():
     assert parse_instance("", False, "x", "prompt_too_long").reason == "prompt_too_long"
     assert parse_instance(" What is 6 x 7\n", False, "What is 6 x 7?", "stop").reason == "echo"
     assert parse_instance(" 42\n", False, "What is 6 x 7?", "eos").reason is None
+    assert parse_instance(" 42 42 42", False, "What is 6 x 7?", "loop").reason == "repetitive"
     from ensemble_instruct.stages.outputs import reason
     inst = {"instruction": "Name a fruit.", "input": ""}
     assert reason("", "stop", inst) == "empty_output"

@@ -54,7 +54,7 @@ def test_garbage_everywhere_is_counted_not_fatal(tmp_path):
     for typ in rundir.TYPES:
         instructions.run_stage(run, gen, typ)  # nothing usable: stops at max requests
     f = funnel(run.dir)
-    assert f["A"]["accepted_instructions"] == 0 and f["A"]["requests"] == 2 * run.cfg.instructions.max_requests_factor
+    assert f["A"]["accepted_instructions"] == 0 and f["A"]["requests"] == run.cfg.instructions.target.A * run.cfg.instructions.max_requests_factor
     assert f["A"]["instruction_rejected"]  # the reasons are counted
 
 
@@ -69,9 +69,9 @@ def test_garbage_instances_and_outputs(tmp_path):
             outputs.run_stage(run, GarbageModel(card), typ)
     ensemble.run_stage(run)
     f = funnel(run.dir)
-    assert f["A"]["accepted_instructions"] == 2 and f["B"]["accepted_instructions"] == 1
+    assert f["A"]["accepted_instructions"] == 3 and f["B"]["accepted_instructions"] == 2
     dropped = {**f["A"]["instance_dropped"], **f["B"]["instance_dropped"]}
     assert set(dropped) <= {"empty_output", "no_output_field", "invalid_text", "repetitive", "empty_input", "token_limit", "echo"}
-    assert sum(dropped.values()) + f["A"]["usable_instances"] + f["B"]["usable_instances"] == 3
+    assert sum(dropped.values()) + f["A"]["usable_instances"] + f["B"]["usable_instances"] == 5
     dataset = [json.loads(l) for l in (run.dir / "dataset.jsonl").read_text().splitlines()]
     assert all(r["output"].strip() for r in dataset)

@@ -22,9 +22,13 @@ class Decoding:
     top_k: int = 0  # 0 = no top-k cut
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
+    # End a completion early once it is a repetition loop (parsing.repetitive, checked from
+    # LOOP_MIN tokens on): it would be dropped anyway, and a loop otherwise runs to max_tokens.
+    stop_loops: bool = False
 
 
-FINISH = ("stop", "eos", "length", "prompt_too_long")
+LOOP_MIN, LOOP_EVERY = 192, 32
+FINISH = ("stop", "eos", "length", "prompt_too_long", "loop")
 
 
 @dataclass
@@ -32,7 +36,7 @@ class Completion:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish: str  # why it ended: a stop string, the end-of-text token, the token limit, or no room to start
+    finish: str  # why it ended: a stop string, the end-of-text token, the token limit, no room to start, a loop
 
 
 def too_long(n_prompt: int = 0) -> Completion:

@@ -21,8 +21,15 @@ def _gguf_to_safetensors(card: ModelCard, gguf: Path) -> Path:
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     out = CACHE / "hf" / f"{card.name}-{key}"
-    if (out / "config.json").exists():
-        return out
+    if not (out / "config.json").exists():
+        export_hf(gguf, out)
+    return out
+
+
+def export_hf(gguf: Path, out: Path) -> None:
+    """A GGUF dequantized to a float32 Hugging Face folder (model + tokenizer), written whole or not at all."""
+    import shutil
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -33,12 +40,14 @@ def _gguf_to_safetensors(card: ModelCard, gguf: Path) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    tmp.rename(out)  # only a complete conversion is ever found in the cache
+    if out.exists():
+        out.rmdir()  # an empty folder the user named
+    tmp.rename(out)  # only a complete conversion is ever found
     del model
     gc.collect()
-    return out
 
 
 def _stop_strings(tok, stops, start: int):

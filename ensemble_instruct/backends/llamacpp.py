@@ -21,7 +21,8 @@ from pathlib import Path
 
 from ..config import ModelCard, check_gguf, resolve_weights
 from ..errors import UserError
-from . import Completion, Decoding, stop_at, too_long
+from ..parsing import repetitive
+from . import LOOP_EVERY, LOOP_MIN, Completion, Decoding, stop_at, too_long
 
 
 def _silence(llama_cpp) -> None:
@@ -225,6 +226,9 @@ class LlamaCppBackend:
                             finish = "stop"
                         elif n_gen[s] >= limit[s]:
                             finish = "length"
+                        elif params.stop_loops and n_gen[s] >= LOOP_MIN and n_gen[s] % LOOP_EVERY == 0 \
+                                and repetitive(text[s].decode("utf-8", errors="replace")):
+                            finish = "loop"
                     if finish:
                         results[s] = Completion(text[s].decode("utf-8", errors="replace"), len(toks[s]),
                                                 n_gen[s], finish)

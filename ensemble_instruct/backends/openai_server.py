@@ -1,21 +1,25 @@
 """An OpenAI-compatible server (vLLM, llama.cpp server, TGI, Ollama) instead of local weights.
 
-`/v1/completions` for plain prompts, `/v1/chat/completions` for the chat format. Up to
-`concurrency` requests are in flight; results come back in prompt order, so the pipeline writes
-them in record order exactly as with local backends. Connection errors, 429 and 5xx are retried
-with exponential backoff; a server that stays away ends the run with a clear message, and the
-next `generate` resumes from what is on disk.
+`/v1/completions` for plain prompts, `/v1/chat/completions` for the chat format. A window of
+`concurrency` requests is in flight: the next is sent as soon as any returns, and `stream` yields
+the completions in prompt order, so the pipeline writes records in order as they complete. With
+`base_urls` the requests are spread over several servers of the same model; a server that refuses
+connections (its engine died) is dropped at once and its requests go to the others; when none is
+left the run ends with one line, and the next `generate` resumes from what is on disk. Timeouts,
+429 and 5xx are retried with exponential backoff.
 """
 from __future__ import annotations
 
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
 from ..config import ModelCard
 from ..errors import UserError
-from . import Completion, Decoding, too_long
+from . import Completion, Decoding, stop_at, too_long
 
 _CONTEXT_WORDS = ("context", "too long", "maximum", "exceed")
 _TOKENIZERS = [("/extras/tokenize", "input"),  # llama-cpp-python
@@ -23,7 +27,7 @@ _TOKENIZERS = [("/extras/tokenize", "input"),  # llama-cpp-python
                ("/tokenize", "content")]  # llama.cpp server
 
 
-def _client(card: ModelCard, timeout: float):
+def _client(card: ModelCard, base_url: str, timeout: float):
     import httpx
 
     headers = {}
@@ -32,38 +36,57 @@ def _client(card: ModelCard, timeout: float):
         if not key:
             raise UserError(f"{card.name}: the environment variable {card.api_key_env} (the API key) is not set")
         headers["Authorization"] = f"Bearer {key}"
-    return httpx.Client(base_url=card.base_url.rstrip("/"), headers=headers, timeout=timeout)
+    return httpx.Client(base_url=base_url, headers=headers, timeout=timeout)
 
 
 def preflight(card: ModelCard, card_path: Path) -> None:
-    """Before any stage: the server answers, and serves the card's model."""
+    """Before any stage: every server answers, serves the card's model, and (when it says so, as
+    vLLM does) has room for the card's context: vLLM would otherwise shorten outputs silently."""
     import httpx
 
-    with _client(card, timeout=10) as client:
-        try:
-            r = client.get("/v1/models")
-        except httpx.HTTPError as e:
-            raise UserError(f"{card_path}: cannot reach the server at {card.base_url} ({type(e).__name__}); "
-                            "start it first") from None
-        if r.status_code in (401, 403):
-            raise UserError(f"{card_path}: the server at {card.base_url} refused the API key (HTTP {r.status_code})")
-        if r.status_code == 200:
-            served = [m.get("id") for m in r.json().get("data", [])]
-            if served and card.model not in served:
-                raise UserError(f"{card_path}: the server at {card.base_url} does not serve model {card.model!r} "
-                                f"(it serves: {', '.join(map(str, served))})")
+    for url in card.endpoints:
+        with _client(card, url, timeout=10) as client:
+            try:
+                r = client.get("/v1/models")
+            except httpx.HTTPError as e:
+                raise UserError(f"{card_path}: cannot reach the server at {url} ({type(e).__name__}); "
+                                "start it first") from None
+            if r.status_code in (401, 403):
+                raise UserError(f"{card_path}: the server at {url} refused the API key (HTTP {r.status_code})")
+            if r.status_code != 200:
+                continue  # some servers have no model list; the first request will tell
+            try:
+                models = {m.get("id"): m for m in r.json().get("data", [])}
+            except (ValueError, AttributeError):
+                raise UserError(f"{card_path}: the server at {url} answered /v1/models with something "
+                                "that is not an OpenAI model list") from None
+            if models and card.model not in models:
+                raise UserError(f"{card_path}: the server at {url} does not serve model {card.model!r} "
+                                f"(it serves: {', '.join(map(str, models))})")
+            limit = (models.get(card.model) or {}).get("max_model_len")
+            if isinstance(limit, int) and card.context > limit:
+                raise UserError(f"{card_path}: context = {card.context}, but the server at {url} serves "
+                                f"{card.model!r} with max_model_len {limit}; set context = {limit} on the card "
+                                "or start the server with a larger --max-model-len")
 
 
 class _PromptTooLong(Exception):
     """The server refused the prompt as longer than its context."""
 
 
+class _ServerGone(Exception):
+    """A server refused the connection: its engine is not running."""
+
+
 class OpenAIBackend:
     def __init__(self, card: ModelCard, card_path: Path):
         preflight(card, card_path)
         self.card = card
-        self.batch_size = card.concurrency  # one batch = the requests in flight together
-        self.client = _client(card, card.timeout_s)
+        self.batch_size = card.concurrency  # the instruction stage's batches; other stages stream
+        self.clients = {url: _client(card, url, card.timeout_s) for url in card.endpoints}
+        self.client = self.clients[card.endpoints[0]]
+        self.gone: set[str] = set()  # servers that refused a connection
+        self._lock = threading.Lock()
         self._tokenize = None  # the server's tokenizer endpoint, found on first use
 
     def count_tokens(self, text: str) -> int:
@@ -78,23 +101,33 @@ class OpenAIBackend:
                     r = self.client.post(path, json={"model": self.card.model, field: "probe"})
                 except httpx.HTTPError:
                     continue
-                if r.status_code == 200 and isinstance(r.json().get("tokens"), list):
+                if r.status_code == 200 and isinstance((_json(r) or {}).get("tokens"), list):
                     self._tokenize = (path, field)
                     break
         path, field = self._tokenize
         if not path:
             return len(text) // 3 + 1
-        r = self._post(path, {"model": self.card.model, field: text})
-        return len(r.json()["tokens"])
+        return len(self._request(0, path, {"model": self.card.model, field: text})["tokens"])
 
     def generate(self, prompts: list[str], params: Decoding, seeds: list[int],
                  prefix: str | None = None) -> list[Completion]:  # servers cache prefixes themselves
-        if len(prompts) == 1:
-            return [self._one(prompts[0], params, seeds[0])]
-        with ThreadPoolExecutor(min(self.card.concurrency, len(prompts))) as pool:
-            return list(pool.map(lambda ps: self._one(ps[0], params, ps[1]), zip(prompts, seeds)))
+        return list(self.stream(prompts, params, seeds))
 
-    def _one(self, prompt: str, params: Decoding, seed: int) -> Completion:
+    def stream(self, prompts: list[str], params: Decoding, seeds: list[int]) -> Iterator[Completion]:
+        """Completions in prompt order, `concurrency` requests in flight: the next is sent as soon
+        as any returns. Closing the iterator cancels what has not been sent."""
+        if len(prompts) == 1:
+            yield self._one(0, prompts[0], params, seeds[0])
+            return
+        pool = ThreadPoolExecutor(min(self.card.concurrency, len(prompts)))
+        try:
+            futures = [pool.submit(self._one, i, p, params, s) for i, (p, s) in enumerate(zip(prompts, seeds))]
+            for f in futures:
+                yield f.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _one(self, index: int, prompt: str, params: Decoding, seed: int) -> Completion:
         body = {**self.card.extra_body, "model": self.card.model, "max_tokens": params.max_tokens,
                 "temperature": params.temperature, "top_p": params.top_p, "seed": seed, "stream": False,
                 "presence_penalty": 0.0, "frequency_penalty": 0.0}
@@ -107,12 +140,29 @@ class OpenAIBackend:
             path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": prompt}]
         else:
             path, body["prompt"] = "/v1/completions", prompt
+        comp = self._complete(index, path, body, chat)
+        if comp.finish == "stop" and not comp.text.strip() and any(not x.strip() for x in params.stop):
+            # The server stopped at a blank line before the answer began; our rule (as the local
+            # backends) ignores leading white space. Ask again without the blank-line stops (same
+            # seed: the same tokens) and cut where the local backends would.
+            body["stop"] = [x for x in params.stop if x.strip()]
+            comp = self._complete(index, path, body, chat)
+            cut = stop_at(comp.text, params.stop)
+            if cut >= 0:
+                comp = Completion(comp.text[:cut], comp.prompt_tokens, comp.completion_tokens, "stop")
+        return comp
+
+    def _complete(self, index: int, path: str, body: dict, chat: bool) -> Completion:
         try:
-            data = self._post(path, body).json()
+            data = self._request(index, path, body)
         except _PromptTooLong:
             return too_long()
-        choice = data["choices"][0]
-        text = (choice.get("message") or {}).get("content") if chat else choice.get("text")
+        try:
+            choice = data["choices"][0]
+            text = (choice.get("message") or {}).get("content") if chat else choice.get("text")
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise UserError(f"{self.card.name}: the server answered {path} without a completion "
+                            f"(no 'choices' in {str(data)[:120]!r}); is it an OpenAI-compatible server?") from None
         usage = data.get("usage") or {}
         if choice.get("finish_reason") == "length":
             finish = "length"
@@ -124,17 +174,38 @@ class OpenAIBackend:
             finish = "stop"
         return Completion(text or "", usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), finish)
 
-    def _post(self, path: str, body: dict):
-        """POST with retries and backoff on connection errors, 429 and 5xx."""
+    def _request(self, index: int, path: str, body: dict) -> dict:
+        """Request `index` goes to server index % n; if that server is gone, to the next one that is
+        not (the same model and seed: the same answer)."""
+        urls = self.card.endpoints
+        for k in range(len(urls)):
+            url = urls[(index + k) % len(urls)]
+            if url in self.gone:
+                continue
+            try:
+                return self._post(url, path, body)
+            except _ServerGone:
+                with self._lock:
+                    self.gone.add(url)
+        raise UserError(f"{self.card.name}: the server at {', '.join(urls)} stopped accepting connections "
+                        "(its engine exited?); everything finished so far is saved: restart the server "
+                        "and run the same command again")
+
+    def _post(self, url: str, path: str, body: dict) -> dict:
+        """POST with retries and backoff on timeouts, 429 and 5xx; a refused connection is final."""
         import httpx
 
         last = ""
         for attempt in range(self.card.retries + 1):
             if attempt:
                 time.sleep(min(0.5 * 2 ** (attempt - 1), 30.0))
+            if url in self.gone:
+                raise _ServerGone(url)
             try:
-                r = self.client.post(path, json=body)
-            except httpx.HTTPError as e:  # connection refused or reset, timeout
+                r = self.clients[url].post(path, json=body)
+            except httpx.ConnectError:
+                raise _ServerGone(url) from None
+            except httpx.HTTPError as e:  # reset, timeout
                 last = type(e).__name__
                 continue
             if r.status_code == 429 or r.status_code >= 500:
@@ -144,15 +215,27 @@ class OpenAIBackend:
                 text = " ".join(r.text[:300].split())
                 if r.status_code in (400, 413, 422) and any(w in text.lower() for w in _CONTEXT_WORDS):
                     raise _PromptTooLong(text)
-                raise UserError(f"{self.card.name}: the server at {self.card.base_url} answered "
-                                f"HTTP {r.status_code}: {text}")
-            return r
-        raise UserError(f"{self.card.name}: the server at {self.card.base_url} did not answer after "
+                raise UserError(f"{self.card.name}: the server at {url} answered HTTP {r.status_code}: {text}")
+            data = _json(r)
+            if data is None:
+                raise UserError(f"{self.card.name}: the server at {url} answered {path} with HTTP 200 but not "
+                                f"JSON ({' '.join(r.text[:80].split())!r}); is it an OpenAI-compatible server?")
+            return data
+        raise UserError(f"{self.card.name}: the server at {url} did not answer after "
                         f"{self.card.retries + 1} tries ({last}); everything finished so far is saved, "
                         "run the same command again once the server is back")
 
     def close(self) -> None:
-        self.client.close()
+        for client in self.clients.values():
+            client.close()
+
+
+def _json(r) -> dict | None:
+    try:
+        data = r.json()
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def load(card: ModelCard, card_path: Path) -> OpenAIBackend:

@@ -91,5 +91,5 @@ def run_stage(run: Run, backend: Backend, typ: str) -> None:
         return rec
 
     run_batches(run, backend, key=f"instances_{typ}", where=f"instance generation ({typ})", path=path(run, typ),
-                todo=todo(run, typ), params=Decoding(c.max_tokens, c.temperature, c.top_k, c.top_p, STOP),
+                todo=todo(run, typ), params=Decoding(c.max_tokens, c.temperature, c.top_k, c.top_p, STOP, stop_loops=True),
                 request=request, record=record, prefix=prefix)
