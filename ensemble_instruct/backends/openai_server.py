@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..config import ModelCard
-from ..errors import UserError
+from ..errors import BadResponse, UserError
 from . import Completion, Decoding, too_long
 
 _CONTEXT_WORDS = ("context", "too long", "maximum", "exceed")
@@ -35,6 +35,24 @@ def _client(card: ModelCard, timeout: float):
     return httpx.Client(base_url=card.base_url.rstrip("/"), headers=headers, timeout=timeout)
 
 
+def _json(card: ModelCard, r, need: str) -> dict:
+    """The body of a 200 answer as a JSON object holding the list `need`; anything else (an HTML error page
+    from a proxy, a server that is not OpenAI-compatible) is a one-line error."""
+    try:
+        data = r.json()
+    except ValueError:
+        data = None
+        what = "a body that is not JSON"
+    else:
+        what = f"JSON without {need!r}"
+    if not (isinstance(data, dict) and isinstance(data.get(need), list) and (data[need] or need != "choices")):
+        snippet = " ".join(r.text[:120].split())
+        raise BadResponse(f"{card.name}: the server at {card.base_url} answered {r.request.url.path} with HTTP 200 "
+                          f"but {what} ({snippet!r}); is base_url an OpenAI-compatible server? Everything "
+                          "finished so far is saved") from None
+    return data
+
+
 def preflight(card: ModelCard, card_path: Path) -> None:
     """Before any stage: the server answers, and serves the card's model."""
     import httpx
@@ -48,7 +66,7 @@ def preflight(card: ModelCard, card_path: Path) -> None:
         if r.status_code in (401, 403):
             raise UserError(f"{card_path}: the server at {card.base_url} refused the API key (HTTP {r.status_code})")
         if r.status_code == 200:
-            served = [m.get("id") for m in r.json().get("data", [])]
+            served = [m.get("id") for m in _json(card, r, "data")["data"] if isinstance(m, dict)]
             if served and card.model not in served:
                 raise UserError(f"{card_path}: the server at {card.base_url} does not serve model {card.model!r} "
                                 f"(it serves: {', '.join(map(str, served))})")
@@ -78,14 +96,18 @@ class OpenAIBackend:
                     r = self.client.post(path, json={"model": self.card.model, field: "probe"})
                 except httpx.HTTPError:
                     continue
-                if r.status_code == 200 and isinstance(r.json().get("tokens"), list):
+                try:
+                    found = r.status_code == 200 and isinstance(r.json().get("tokens"), list)
+                except (ValueError, AttributeError):  # not this server's tokenizer
+                    found = False
+                if found:
                     self._tokenize = (path, field)
                     break
         path, field = self._tokenize
         if not path:
             return len(text) // 3 + 1
         r = self._post(path, {"model": self.card.model, field: text})
-        return len(r.json()["tokens"])
+        return len(_json(self.card, r, "tokens")["tokens"])
 
     def generate(self, prompts: list[str], params: Decoding, seeds: list[int],
                  prefix: str | None = None) -> list[Completion]:  # servers cache prefixes themselves
@@ -108,10 +130,13 @@ class OpenAIBackend:
         else:
             path, body["prompt"] = "/v1/completions", prompt
         try:
-            data = self._post(path, body).json()
+            data = _json(self.card, self._post(path, body), "choices")
         except _PromptTooLong:
             return too_long()
         choice = data["choices"][0]
+        if not isinstance(choice, dict):
+            raise BadResponse(f"{self.card.name}: the server at {self.card.base_url} answered with choices "
+                              "that are not objects; everything finished so far is saved")
         text = (choice.get("message") or {}).get("content") if chat else choice.get("text")
         usage = data.get("usage") or {}
         if choice.get("finish_reason") == "length":
