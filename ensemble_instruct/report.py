@@ -86,8 +86,11 @@ def _collect(run_dir: Path) -> dict:
 
 
 def _plots(out: Path, f: dict, data: dict, cfg: dict, cards: list[str]) -> list[tuple[str, str]]:
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        from .errors import UserError
+        raise UserError("the report's plots need matplotlib (pip install '.[report]')") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator

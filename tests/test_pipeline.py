@@ -102,7 +102,7 @@ def _count(path):
 def test_sigkill_then_resume_is_byte_identical(reference_run, tmp_path, point):
     out = tmp_path / "run"
     if point[0] == "env":
-        r = generate(out, env={"ENSEMBLE_INSTRUCT_KILL_AT": point[1]})
+        r = generate(out, env={"INJECT_KILL_AT": point[1]})  # tests/inject.py patches the writes
         assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     else:
         _, name, n = point
