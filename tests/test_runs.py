@@ -1,5 +1,6 @@
 """Run directories without models: fake models (tests/fakes.py) drive the real stages and the real
 CLI, so these tests run on an install without the model extras."""
+import importlib.util
 import json
 import os
 import signal
@@ -134,6 +135,10 @@ def test_readers_need_no_backend_no_weights_no_server(fake_run, tmp_path):
     r = cli("export", fake_run, "-f", "jsonl", "-o", tmp_path / "chat.jsonl", fake=False, env=hide)
     assert r.returncode == 0, r.stderr[-2000:]
     assert len((tmp_path / "chat.jsonl").read_text().splitlines()) == len(expected.splitlines())
+    if importlib.util.find_spec("matplotlib"):  # the report extra; still no model
+        r = cli("report", fake_run, fake=False, env=hide)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert (fake_run / "report" / "report.md").exists()
 
 
 # ------------------------------------------------------------ --force, --num-instructions, weights
