@@ -70,6 +70,16 @@ def test_same_seed_gives_identical_bytes(reference_run, tmp_path):
         assert (tmp_path / "again" / name).read_bytes() == (reference_run / name).read_bytes(), name
 
 
+def test_another_seed_gives_other_files(reference_run, tmp_path):
+    r = generate(tmp_path / "seed8", "--seed", "8")
+    assert r.returncode == 0, r.stderr[-2000:]
+    for name in ("instructions_A.jsonl", "instructions_B.jsonl", "instances_A.jsonl"):
+        assert (tmp_path / "seed8" / name).read_bytes() != (reference_run / name).read_bytes(), name
+    ours = [it["text"] for r in lines(tmp_path / "seed8" / "instructions_A.jsonl") for it in r["items"]]
+    ref = [it["text"] for r in lines(reference_run / "instructions_A.jsonl") for it in r["items"]]
+    assert ours != ref  # not only the recorded seeds: the sampled text differs
+
+
 def test_finished_run_resumes_as_noop_and_refuses_changed_config(reference_run, tmp_path):
     run = tmp_path / "copy"
     shutil.copytree(reference_run, run)
