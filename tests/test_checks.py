@@ -262,3 +262,19 @@ def test_server_chat_format_and_context_overflow(tmp_path, server):
     # a prompt the server refuses as too long: the prompt_too_long fallback, the batch goes on
     Scripted.answers["/v1/chat/completions"] = (400, "This model's maximum context length is 8192 tokens")
     assert backend.generate(["x"], Decoding(8), [0])[0].finish == "prompt_too_long"
+
+
+@pytest.mark.parametrize("rc,kind", [(1, "OutOfMemory"), (-3, "OutOfMemory"), (-1, "UserError")])
+def test_llamacpp_decode_failure_kinds(rc, kind):
+    """llama_decode's 1 (no room in the KV cache) and allocation failures exit 3, not 2."""
+    from types import SimpleNamespace
+
+    from ensemble_instruct.backends.llamacpp import LlamaCppBackend
+
+    b = LlamaCppBackend.__new__(LlamaCppBackend)  # no model: only the error mapping is under test
+    b.L, b.ctx = SimpleNamespace(llama_decode=lambda ctx, batch: rc), None
+    b.card = SimpleNamespace(name="tiny")
+    b.batch = SimpleNamespace(token=[0], pos=[0], n_seq_id=[0], logits=[0], seq_id=[[0]], n_tokens=0)
+    with pytest.raises(UserError) as e:
+        b._decode([(5, 0, 0, True)])
+    assert type(e.value).__name__ == kind and f"llama_decode returned {rc}" in str(e.value)
