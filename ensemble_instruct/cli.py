@@ -200,6 +200,7 @@ def models_check(card: str = typer.Argument(..., help="Card path or name (e.g. s
         t0, during = time.perf_counter(), "generating with"
         try:
             out = backend.generate(["Once upon a time, in a small village by the sea,"], Decoding(max_tokens=32), [0])[0]
+            gen_s = time.perf_counter() - t0
         finally:
             backend.close()
     except Exception as e:
@@ -207,7 +208,6 @@ def models_check(card: str = typer.Argument(..., help="Card path or name (e.g. s
         if oom is None:
             raise
         raise oom from None
-    gen_s = time.perf_counter() - t0
     typer.echo(f"{c.name}: loaded in {load_s:.1f} s, {out.completion_tokens} tokens in {gen_s:.1f} s "
                f"({out.completion_tokens / gen_s:.1f} tok/s), peak RSS {peak_rss_mb():.0f} MB")
     typer.echo(f"  -> {out.text.strip()[:200]!r}")

@@ -87,10 +87,11 @@ def fake_setup(tmp_path: Path, extra_config: str = "", target: tuple[int, int] =
 
 def install(monkeypatch=None, **backend_kw) -> None:
     """Skip the backend checks (no package, no server) and load FakeBackends instead of models."""
-    from ensemble_instruct import rundir, runner
+    from ensemble_instruct import backends, rundir, runner
 
+    load = lambda card, path: FakeBackend(card, **backend_kw)  # noqa: E731
     patches = [(rundir, "check_installed", lambda *a: None), (rundir, "preflight", lambda *a: None),
-               (runner, "load_backend", lambda card, path: FakeBackend(card, **backend_kw))]
+               (runner, "load_backend", load), (backends, "load_backend", load)]
     for module, name, value in patches:
         if monkeypatch is not None:
             monkeypatch.setattr(module, name, value)

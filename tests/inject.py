@@ -6,7 +6,7 @@ INJECT_KILL_AT=torn:FILE   write half of the next batch appended to FILE, then S
 INJECT_KILL_AT=after:FILE  SIGKILL right after FILE is rewritten
 INJECT_FAKE=1              fake models (tests/fakes.py) instead of the real backends
 INJECT_DELAY=S             ... that take S seconds per batch
-INJECT_OOM_AFTER=N         ... that run out of memory after N batches (0: while loading)
+INJECT_OOM_AFTER=N|load    ... that run out of memory after N batches, or while loading
 INJECT_SLOW_OPEN=S         opening a run takes S seconds more (while the weights are checked)
 """
 import os
@@ -57,13 +57,13 @@ def main() -> None:
         import fakes
 
         oom = env.get("INJECT_OOM_AFTER")
-        fakes.install(delay=float(env.get("INJECT_DELAY", 0)), oom_after=int(oom) if oom else None)
-        if oom == "0":
-            from ensemble_instruct import runner
+        fakes.install(delay=float(env.get("INJECT_DELAY", 0)), oom_after=int(oom) if oom and oom != "load" else None)
+        if oom == "load":
+            from ensemble_instruct import backends, runner
 
             def no_room(card, path):
                 raise MemoryError()
-            runner.load_backend = no_room
+            runner.load_backend = backends.load_backend = no_room
     if env.get("INJECT_SLOW_OPEN"):
         from ensemble_instruct import rundir
 

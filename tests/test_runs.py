@@ -263,8 +263,16 @@ def test_out_of_memory_while_generating_keeps_what_finished(tmp_path):
 
 
 def test_out_of_memory_while_loading(tmp_path):
-    r = cli("generate", "-c", fakes.fake_setup(tmp_path), "--out", tmp_path / "run", env={"INJECT_OOM_AFTER": "0"})
+    r = cli("generate", "-c", fakes.fake_setup(tmp_path), "--out", tmp_path / "run", env={"INJECT_OOM_AFTER": "load"})
     one_line_error(r, 3, "out of memory while loading gen")
+
+
+@pytest.mark.parametrize("after,during", [("load", "loading"), ("0", "generating with")])
+def test_models_check_out_of_memory(tmp_path, after, during):
+    fakes.fake_setup(tmp_path)
+    r = cli("models", "check", tmp_path / "cards" / "gen.toml", env={"INJECT_OOM_AFTER": after})
+    assert len(r.stderr.strip().splitlines()) == 1
+    one_line_error(r, 3, f"out of memory while {during} gen", "fewer gpu_layers")
 
 
 def _wait_for_lines(path, n, proc, timeout=60):
