@@ -31,8 +31,10 @@ FORCE = typer.Option(False, "--force", help="Resume even if the config or a mode
 def _open(config, out, force, **kw):
     from .pipeline import open_run
 
-    if config is not None and not config.is_file():
-        raise UserError(f"{config}: config file not found")
+    if config is not None:
+        from .config import find_config
+
+        config = find_config(config)
     try:
         return open_run(config, out, force=force, **kw)
     except KeyboardInterrupt:

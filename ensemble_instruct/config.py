@@ -180,6 +180,17 @@ def _load_toml(path: Path) -> dict:
         raise UserError(f"{path}: invalid TOML ({e})") from None
 
 
+def find_config(given: str | Path) -> Path:
+    """A config file, or the name of a bundled preset (`-c paper` for configs/paper.toml)."""
+    path = Path(given)
+    if not path.is_file() and (ROOT / "configs" / f"{path.name}.toml").is_file() and path.name == str(given):
+        return ROOT / "configs" / f"{path.name}.toml"
+    if not path.is_file():
+        raise UserError(f"{given}: config file not found (a path, or a preset: "
+                        f"{', '.join(sorted(p.stem for p in (ROOT / 'configs').glob('*.toml')))})")
+    return path
+
+
 def load_config(path: str | Path) -> Config:
     path = Path(path)
     try:

@@ -278,3 +278,14 @@ def test_llamacpp_decode_failure_kinds(rc, kind):
     with pytest.raises(UserError) as e:
         b._decode([(5, 0, 0, True)])
     assert type(e.value).__name__ == kind and f"llama_decode returned {rc}" in str(e.value)
+
+
+def test_config_by_preset_name(tmp_path):
+    from ensemble_instruct.config import find_config
+
+    assert find_config("paper") == ROOT / "configs" / "paper.toml"
+    assert find_config(ROOT / "configs" / "ci.toml") == ROOT / "configs" / "ci.toml"
+    with pytest.raises(UserError, match=r"nope: config file not found \(a path, or a preset: ci, ci-server, "):
+        find_config("nope")
+    with pytest.raises(UserError, match="config file not found"):
+        find_config(tmp_path / "paper")  # a path is never a preset name
