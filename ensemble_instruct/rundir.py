@@ -250,7 +250,11 @@ def open_run(config: Path | None, out: Path | None, num_instructions: int | None
         raise UserError(f"{out}: run directory is not writable ({e.strerror})") from None
     lock(out)
     existing = _read_manifest(out)  # again, under the lock: another run may have started it meanwhile
-    changes = diff(existing.get("fingerprint"), fp) if existing is not None else []
+    changes = []
+    if existing is not None:
+        old = existing["fingerprint"]
+        # A run started before weights were recorded cannot tell whether they changed.
+        changes = diff(old, fp if "weights" in old else {k: v for k, v in fp.items() if k != "weights"})
     if changes and not force:
         raise UserError(f"{out} was started with a different setup: {'; '.join(changes[:3])}"
                         f"{' ...' if len(changes) > 3 else ''} (use a new --out, or --force)")

@@ -315,3 +315,12 @@ def test_ctrl_c_while_opening_a_run(tmp_path):
     assert p.returncode == 132, err[-2000:]
     assert err.strip().splitlines() == ["interrupted: stopped while opening the run, before any stage: "
                                         "nothing was generated, nothing is damaged"]
+
+
+def test_a_run_from_before_weights_were_recorded_still_resumes(fake_run, monkeypatch):
+    fakes.install(monkeypatch)
+    m = manifest(fake_run)
+    del m["fingerprint"]["weights"]
+    (fake_run / "manifest.json").write_text(json.dumps(m))
+    rundir.open_run(None, fake_run)
+    assert "weights" in manifest(fake_run)["fingerprint"]  # recorded from now on
