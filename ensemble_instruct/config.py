@@ -183,12 +183,13 @@ def _load_toml(path: Path) -> dict:
 def find_config(given: str | Path) -> Path:
     """A config file, or the name of a bundled preset (`-c paper` for configs/paper.toml)."""
     path = Path(given)
-    if not path.is_file() and (ROOT / "configs" / f"{path.name}.toml").is_file() and path.name == str(given):
-        return ROOT / "configs" / f"{path.name}.toml"
-    if not path.is_file():
-        raise UserError(f"{given}: config file not found (a path, or a preset: "
-                        f"{', '.join(sorted(p.stem for p in (ROOT / 'configs').glob('*.toml')))})")
-    return path
+    if path.is_file():
+        return path
+    preset = ROOT / "configs" / f"{given}.toml"
+    if os.sep not in str(given) and preset.is_file():
+        return preset
+    raise UserError(f"{given}: config file not found (a path, or a preset: "
+                    f"{', '.join(sorted(p.stem for p in (ROOT / 'configs').glob('*.toml')))})")
 
 
 def load_config(path: str | Path) -> Config:
@@ -199,7 +200,8 @@ def load_config(path: str | Path) -> Config:
         raise UserError(f"{path}: {_one_line(e)}") from None
 
 
-# The keys only one backend reads; the others would silently ignore them.
+# The keys each backend reads: a key of another backend (gpu_layers on an openai card) would be
+# silently ignored, so it is refused.
 _SHARED = {"name", "backend", "description", "license", "memory_gb", "context", "prompt_format",
            "output_template", "output_stop"}
 BACKEND_KEYS = {
