@@ -68,6 +68,14 @@ def test_user_files_keep_a_last_line_without_newline(tmp_path):
     assert kept == ["a", "b"] and "kept 2 of 2" in r.stdout
 
 
+def test_seed_file_keeps_a_last_line_without_newline(tmp_path):
+    from ensemble_instruct.seeds import load_seeds
+
+    task = '{"instruction": "Say %s.", "instances": [{"input": "", "output": "%s"}]}'
+    (tmp_path / "s.jsonl").write_text(task % ("hi", "hi") + "\n" + task % ("bye", "bye"))
+    assert [t.instruction for t in load_seeds(tmp_path / "s.jsonl")] == ["Say hi.", "Say bye."]
+
+
 def test_torn_tail_of_a_run_file_is_cut_and_recorded(fake_run, monkeypatch):
     fakes.install(monkeypatch)
     path = fake_run / "instances_A.jsonl"
