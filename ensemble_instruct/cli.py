@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import typer
 
-from .errors import Interrupted, UserError
+from .errors import InterruptedWhileOpening, StopNow, StoppedAtOnce, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Generate instruction-tuning data with Ensemble-Instruct on local quantized models.")
@@ -31,9 +31,15 @@ FORCE = typer.Option(False, "--force", help="Resume even if the config or a mode
 def _open(config, out, force, **kw):
     from .pipeline import open_run
 
-    if config is not None and not config.is_file():
-        raise UserError(f"{config}: config file not found")
-    return open_run(config, out, force=force, **kw)
+    if config is not None:
+        from .config import find_config
+
+        config = find_config(config)
+    try:
+        return open_run(config, out, force=force, **kw)
+    except KeyboardInterrupt:
+        raise InterruptedWhileOpening("stopped while opening the run, before any stage: nothing was "
+                                      "generated, nothing is damaged") from None
 
 
 @app.command()
@@ -101,9 +107,10 @@ def ensemble(
 
     if run_dir is not None:
         from . import report
+        from .rundir import open_existing
         from .stages import ensemble as stage
 
-        stage.run_stage(_open(None, run_dir, False))
+        stage.run_stage(open_existing(run_dir, lock_it=True))  # needs no model: only the stage files
         report.print_summary(run_dir)
         return
     if instances is None or out is None:
@@ -117,8 +124,8 @@ def ensemble(
         if not p.is_file():
             raise UserError(f"{p}: file not found")
     names = [str(p) for p in [instances, *outputs]]
-    inst = read_jsonl(instances)
-    cands = ens.align(inst, [read_jsonl(p) for p in outputs], names)
+    inst = read_jsonl(instances, "user")  # the user's own files: a last line without newline is data
+    cands = ens.align(inst, [read_jsonl(p, "user") for p in outputs], names)
     decisions = ens.ensemble(cands, threshold)
     sources = ["generator"] + [p.stem for p in outputs]
     write_jsonl(out, (ens.decision_record(i, d, sources) for i, d in zip(inst, decisions) if d.kept))
@@ -181,19 +188,28 @@ def models_check(card: str = typer.Argument(..., help="Card path or name (e.g. s
     """Load a model, generate a few tokens, report load time, tokens/s and peak memory."""
     import time
 
-    from .backends import Decoding, load_backend
+    from .backends import Decoding, load_backend, out_of_memory
     from .config import load_card
     from .runner import peak_rss_mb, peak_rss_reset
 
     c, path = load_card(card)
     peak_rss_reset()
     t0 = time.perf_counter()
-    backend = load_backend(c, path)
-    load_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    out = backend.generate(["Once upon a time, in a small village by the sea,"], Decoding(max_tokens=32), [0])[0]
-    gen_s = time.perf_counter() - t0
-    backend.close()
+    during = "loading"
+    try:
+        backend = load_backend(c, path)
+        load_s = time.perf_counter() - t0
+        t0, during = time.perf_counter(), "generating with"
+        try:
+            out = backend.generate(["Once upon a time, in a small village by the sea,"], Decoding(max_tokens=32), [0])[0]
+            gen_s = time.perf_counter() - t0
+        finally:
+            backend.close()
+    except Exception as e:
+        oom = out_of_memory(c, path, during, e)
+        if oom is None:
+            raise
+        raise oom from None
     typer.echo(f"{c.name}: loaded in {load_s:.1f} s, {out.completion_tokens} tokens in {gen_s:.1f} s "
                f"({out.completion_tokens / gen_s:.1f} tok/s), peak RSS {peak_rss_mb():.0f} MB")
     typer.echo(f"  -> {out.text.strip()[:200]!r}")
@@ -219,11 +235,15 @@ def models_export_hf(card: str = typer.Argument(..., help="Card of a GGUF model 
 
 
 def main() -> None:
+    """Every error the user can act on is one line and an exit code of its own (errors.py)."""
     try:
         app()
-    except Interrupted as e:
-        typer.echo(f"interrupted: {e}", err=True)
-        sys.exit(130)
+    except StopNow as e:
+        _exit(StoppedAtOnce(str(e) or "stopped at once"))
     except UserError as e:
-        typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        _exit(e)
+
+
+def _exit(e: UserError) -> None:
+    typer.echo(f"{e.label}: {e}", err=True)
+    sys.exit(e.exit_code)

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from .errors import UserError
 
@@ -21,7 +21,11 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-ROOT = Path(__file__).resolve().parent.parent
+# The folder that holds configs/, quantized/, templates/ and seeds/: the source checkout, or the
+# copy that an installed package carries in ensemble_instruct/_data (see setup.py).
+_CHECKOUT = Path(__file__).resolve().parent.parent
+ROOT = _CHECKOUT if (_CHECKOUT / "quantized").is_dir() and (_CHECKOUT / "templates").is_dir() \
+    else Path(__file__).resolve().parent / "_data"
 CACHE = Path(os.environ.get("ENSEMBLE_INSTRUCT_CACHE", Path.home() / ".cache" / "ensemble-instruct"))
 
 
@@ -42,6 +46,7 @@ class Source(Strict):
     assemble: bool = False  # call package.assemble(path) to build the file (split GGUF packages)
     hub_repo: Optional[str] = None  # Hugging Face repo id (needs the network)
     hub_file: Optional[str] = None  # a single file in hub_repo (GGUF); none = whole repo
+    revision: Optional[str] = None  # hub_repo: a commit hash (or a tag/branch) pins the weights
 
     @model_validator(mode="after")
     def _one_kind(self):
@@ -50,6 +55,8 @@ class Source(Strict):
             raise ValueError("set exactly one of source.path, source.package, source.hub_repo")
         if self.package and not (self.file or self.assemble):
             raise ValueError("source.package needs source.file (or assemble = true)")
+        if self.hub_repo and not self.revision:  # a repo's main branch changes under a run
+            raise ValueError("source.hub_repo needs source.revision (a commit hash pins the weights)")
         return self
 
 
@@ -142,9 +149,23 @@ class Config(Strict):
     outputs: OutputsCfg = OutputsCfg()
     ensemble: EnsembleCfg = EnsembleCfg()
 
+    _dir: Optional[Path] = PrivateAttr(None)  # the config file's folder
+
     def path(self, p: str) -> Path:
-        """Paths in a config are relative to the project root."""
-        return Path(p) if Path(p).is_absolute() else ROOT / p
+        """A relative path is relative to the config file's folder; if nothing is there, it names a
+        bundled file (`quantized/smollm2-135m.toml`, `seeds/seed_tasks.jsonl`)."""
+        path = Path(os.path.expanduser(p))
+        if path.is_absolute():
+            return path
+        mine = self._dir / path if self._dir is not None else None
+        if mine is not None and (mine.exists() or not (ROOT / path).exists()):
+            return mine
+        return ROOT / path
+
+    def located(self, directory: Path | None) -> "Config":
+        """This config, with relative paths resolved against `directory`."""
+        self._dir = Path(directory).resolve() if directory is not None else None
+        return self
 
 
 def _one_line(e: ValidationError) -> str:
@@ -166,12 +187,46 @@ def _load_toml(path: Path) -> dict:
         raise UserError(f"{path}: invalid TOML ({e})") from None
 
 
+def find_config(given: str | Path) -> Path:
+    """A config file, or the name of a bundled preset (`-c paper` for configs/paper.toml)."""
+    path = Path(given)
+    if path.is_file():
+        return path
+    preset = ROOT / "configs" / f"{given}.toml"
+    if os.sep not in str(given) and preset.is_file():
+        return preset
+    raise UserError(f"{given}: config file not found (a path, or a preset: "
+                    f"{', '.join(sorted(p.stem for p in (ROOT / 'configs').glob('*.toml')))})")
+
+
 def load_config(path: str | Path) -> Config:
     path = Path(path)
     try:
-        return Config(**_load_toml(path))
+        return Config(**_load_toml(path)).located(path.parent)
     except ValidationError as e:
         raise UserError(f"{path}: {_one_line(e)}") from None
+
+
+# The keys each backend reads: a key of another backend (gpu_layers on an openai card) would be
+# silently ignored, so it is refused.
+_SHARED = {"name", "backend", "description", "license", "memory_gb", "context", "prompt_format",
+           "output_template", "output_stop"}
+BACKEND_KEYS = {
+    "llama_cpp": _SHARED | {"source", "quantization", "gpu_layers", "threads", "parallel"},
+    "transformers": _SHARED | {"source", "quantization", "dtype", "batch_size"},
+    "openai": _SHARED | {"base_url", "base_urls", "model", "api_key_env", "extra_body", "concurrency", "timeout_s", "retries"},
+}
+
+
+def _check_backend_keys(raw: dict, path: Path) -> None:
+    keys = BACKEND_KEYS.get(raw.get("backend"))
+    if keys is None:
+        return  # an unknown backend: pydantic names the allowed ones
+    for key in raw:
+        if key not in keys and key in ModelCard.model_fields:
+            users = [b for b, k in BACKEND_KEYS.items() if key in k]
+            raise UserError(f"{path}: {key}: not a setting of {raw['backend']} cards "
+                            f"(only of {' and '.join(users)} cards)")
 
 
 def load_card(path: str | Path) -> tuple[ModelCard, Path]:
@@ -182,14 +237,53 @@ def load_card(path: str | Path) -> tuple[ModelCard, Path]:
         path = ROOT / "quantized" / f"{path.name}.toml"  # `--model NAME` works too
     if not path.exists():
         raise UserError(f"{given}: model card not found (a path, or a name listed by `python run.py models`)")
+    raw = _load_toml(path)
+    _check_backend_keys(raw, path)
     try:
-        return ModelCard(**_load_toml(path)), path
+        return ModelCard(**raw), path
     except ValidationError as e:
         raise UserError(f"{path}: {_one_line(e)}") from None
 
 
 def file_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+_MIB = 1 << 20
+
+
+def quick_hash(path: Path) -> dict:
+    """Size and sha256 of the size, the first and the last MiB: reads 2 MiB of a 40 GB file,
+    yet changes when the file is replaced by another (a new quantization, a new download)."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(_MIB))
+        if size > _MIB:
+            f.seek(max(_MIB, size - _MIB))
+            h.update(f.read(_MIB))
+    return {"size": size, "sha256_ends": h.hexdigest()[:16]}
+
+
+def weights_record(card: ModelCard, card_path: Path) -> dict:
+    """What identifies the card's weights, for the run's fingerprint: a rerun can tell that a
+    model changed. Needs no download and no assembly."""
+    src = card.source
+    if src is None:
+        return {"server": ", ".join(card.endpoints), "model": card.model}
+    if src.hub_repo:
+        return {"hub_repo": src.hub_repo, "hub_file": src.hub_file, "revision": src.revision}
+    if src.assemble:  # built from versioned part packages; the parts carry their own checksums
+        import importlib.metadata as md
+        try:
+            version = md.version(src.package.replace("_", "-"))
+        except md.PackageNotFoundError:
+            version = None
+        return {"package": src.package, "version": version}
+    path = resolve_weights(card, card_path)
+    if path.is_file():
+        return {"file": path.name, **quick_hash(path)}
+    return {"files": {str(p.relative_to(path)): quick_hash(p) for p in sorted(path.rglob("*")) if p.is_file()}}
 
 
 def check_gguf(path: Path) -> None:
@@ -252,8 +346,8 @@ def resolve_weights(card: ModelCard, card_path: Path) -> Path:
         raise UserError(f"{card_path}: hub sources need huggingface_hub (pip install -e '.[hf]')") from None
     try:
         if src.hub_file:
-            return Path(huggingface_hub.hf_hub_download(src.hub_repo, src.hub_file))
-        return Path(huggingface_hub.snapshot_download(src.hub_repo))
+            return Path(huggingface_hub.hf_hub_download(src.hub_repo, src.hub_file, revision=src.revision))
+        return Path(huggingface_hub.snapshot_download(src.hub_repo, revision=src.revision))
     except Exception as e:
         raise UserError(f"{card_path}: cannot fetch {src.hub_repo} from the hub "
                         f"({type(e).__name__}); download it and set source.path instead") from None

@@ -16,10 +16,10 @@ def funnel(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     out = {}
     for typ in TYPES:
-        reqs = read_jsonl(run_dir / f"instructions_{typ}.jsonl")
+        reqs = read_jsonl(run_dir / f"instructions_{typ}.jsonl", "run")
         items = [it for r in reqs for it in r["items"]]
-        inst = read_jsonl(run_dir / f"instances_{typ}.jsonl")
-        ens = read_jsonl(run_dir / f"ensemble_{typ}.jsonl")
+        inst = read_jsonl(run_dir / f"instances_{typ}.jsonl", "run")
+        ens = read_jsonl(run_dir / f"ensemble_{typ}.jsonl", "run")
         out[typ] = {
             "requests": len(reqs),
             "raw_instructions": len(items),
@@ -70,9 +70,9 @@ def leading_verbs(instructions: list[str], top: int = 20) -> list[tuple[str, int
 def _collect(run_dir: Path) -> dict:
     data = {"novelty": {}, "agreement": {}, "lengths": {}, "instructions": {}, "kept": [], "dropped": []}
     for typ in TYPES:
-        items = [it for r in read_jsonl(run_dir / f"instructions_{typ}.jsonl") for it in r["items"]]
+        items = [it for r in read_jsonl(run_dir / f"instructions_{typ}.jsonl", "run") for it in r["items"]]
         data["novelty"][typ] = [it["max_rouge"] for it in items if "max_rouge" in it]
-        ens = read_jsonl(run_dir / f"ensemble_{typ}.jsonl")
+        ens = read_jsonl(run_dir / f"ensemble_{typ}.jsonl", "run")
         data["agreement"][typ] = [sum(r["scores"].values()) / len(r["scores"]) for r in ens if r.get("scores")]
         data["instructions"][typ] = [it["text"] for it in items if it["status"] == "accepted"]
         kept = [r for r in ens if r["kept"]]
@@ -80,14 +80,17 @@ def _collect(run_dir: Path) -> dict:
                                 "input": [_words(r["input"]) for r in kept if r["input"]],
                                 "output": [_words(r["output"]) for r in kept]}
         data["kept"] += kept
-        inst = {r["id"]: r for r in read_jsonl(run_dir / f"instances_{typ}.jsonl")}
+        inst = {r["id"]: r for r in read_jsonl(run_dir / f"instances_{typ}.jsonl", "run")}
         data["dropped"] += [{**r, "output": inst[r["id"]]["output"]} for r in ens if not r["kept"]]
     return data
 
 
 def _plots(out: Path, f: dict, data: dict, cfg: dict, cards: list[str]) -> list[tuple[str, str]]:
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        from .errors import UserError
+        raise UserError("the report's plots need matplotlib (pip install '.[report]')") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator

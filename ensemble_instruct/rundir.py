@@ -6,23 +6,32 @@
     outputs_{MODEL}_{A,B}.jsonl      one record per usable instance, per extra model
     ensemble_{A,B}.jsonl             the decision for every instance
     dataset.jsonl                    the kept instances (A, then B)
+    .lock                            the PID of the process writing the run, while it runs
+
+Commands that generate open a run with `open_run` (every model checked before any stage);
+commands that only read a finished stage (`ensemble --run`, `report`, `export`) use `open_existing`,
+which needs no backend package, no weights and no server.
 """
 from __future__ import annotations
 
+import atexit
+import fcntl
 import hashlib
 import importlib.metadata
 import json
+import os
 import platform
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import templates
 from .backends import check_installed, preflight
-from .config import ROOT, Config, ModelCard, check_weights, file_hash, load_card, load_config
+from .config import ROOT, Config, ModelCard, check_weights, file_hash, load_card, load_config, weights_record
 from .errors import UserError
 from .seeds import SeedTask, load_seeds, split_types
-from .store import write_json
+from .store import cut_torn_tail, read_jsonl, write_json
 
 TYPES = ("A", "B")
 PACKAGES = ("ensemble-instruct", "rapidfuzz", "numpy", "nltk", "llama_cpp_python", "torch", "transformers",
@@ -55,12 +64,26 @@ class Run:
     def save_manifest(self) -> None:
         write_json(self.file("manifest.json"), self.manifest)
 
+    def read(self, path: Path) -> list[dict]:
+        """A stage file's records, after cutting a torn last line (a crash mid-write) off the file;
+        the manifest records every such repair."""
+        cut = cut_torn_tail(path)
+        if cut:
+            self.note_repair(path, f"cut a torn last line ({cut} bytes)")
+        return read_jsonl(path, "run")
+
+    def note_repair(self, path: Path, what: str) -> None:
+        self.manifest.setdefault("repairs", []).append(
+            {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "file": Path(path).name, "what": what})
+        self.save_manifest()
+
 
 def fingerprint(cfg: Config, cards: list[tuple[ModelCard, Path]]) -> dict:
     tdir = cfg.path(cfg.templates_dir)
     return {
         "config": cfg.model_dump(mode="json"),
         "cards": {c.name: c.model_dump(mode="json") for c, _ in cards},  # a diff names the setting
+        "weights": {c.name: weights_record(c, p) for c, p in cards},
         "templates": {p.name: file_hash(p) for p in sorted(tdir.glob("*.txt"))},
         "seeds_file": file_hash(cfg.path(cfg.seeds_file)),
     }
@@ -86,6 +109,84 @@ def versions() -> dict:
     return out
 
 
+def _check_templates(cfg: Config, extras: list[tuple[ModelCard, Path]]) -> None:
+    """Load every template the run will use, so a bad one stops the run before any model loads."""
+    tdir = cfg.path(cfg.templates_dir)
+    inst = "instances" if cfg.instances.demos == "fixed" else "instances_random"
+    for typ in TYPES:
+        templates.load(f"instructions_{typ}.txt", tdir)
+        templates.load(f"{inst}_{typ}.txt", tdir)
+    for card, _ in extras:
+        templates.load(card.output_template or "output.txt", tdir, templates.FIELDS["output"])
+
+
+def _check_writable(out: Path) -> None:
+    """Before the models are checked: a run directory that cannot be made is a one-line error."""
+    p = out.absolute()
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
+        raise UserError(f"{out}: run directory is not writable ({p} is not a writable folder)")
+
+
+def lock(out: Path) -> None:
+    """Hold the run directory's lock until this process ends, or exit with the owner's PID.
+
+    Two runs appending to the same files would interleave their records and leave a run that can
+    never resume. The lock is an flock on `.lock`, which also holds the owner's PID: the kernel
+    drops it when the owner dies, however it dies, so a lock left by a killed run (a dead PID in
+    the file) is taken over; a normal exit also removes the file."""
+    path = out.absolute() / ".lock"
+    if _held.get(path) is not None:
+        return  # this process holds it already (a command that opens the run twice)
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"{out}: run directory is not writable ({e.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            pid = _owner(path)
+            raise UserError(f"{out} is in use by another run (process {pid or 'unknown'}); wait for it to "
+                            "finish or stop it, or use another --out") from None
+        try:  # the file we locked may have been removed by its previous owner in the meantime
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _held[path] = fd
+    atexit.register(unlock, out)
+
+
+_held: dict[Path, int] = {}
+
+
+def _owner(path: Path) -> int | None:
+    for _ in range(20):  # the new owner writes its PID just after taking the lock
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            text = ""
+        if text.isdigit():
+            return int(text)
+        time.sleep(0.05)
+    return None
+
+
+def unlock(out: Path) -> None:
+    path = out.absolute() / ".lock"
+    fd = _held.pop(path, None)
+    if fd is not None:
+        path.unlink(missing_ok=True)  # while still holding it: no one can take a file we remove
+        os.close(fd)
+
+
 def _read_manifest(out: Path) -> dict | None:
     if not (out / "manifest.json").exists():
         return None
@@ -109,16 +210,17 @@ def _with_overrides(cfg: Config, num_instructions: int | None, seed: int | None)
             raise UserError("--num-instructions must be at least 2 (one per type)")
         a = max(1, min(num_instructions - 1, round(num_instructions * 125 / 175)))
         data["instructions"]["target"] = {"A": a, "B": num_instructions - a}
-    return Config(**data)
+    return Config(**data).located(cfg._dir)
 
 
 def open_run(config: Path | None, out: Path | None, num_instructions: int | None = None,
              seed: int | None = None, force: bool = False) -> Run:
-    """Load (or create) a run directory. An existing run keeps its config unless one is given;
-    a config or card that differs from the one the run started with is refused unless force."""
+    """Load (or create) a run directory to generate into. An existing run keeps its config unless
+    one is given; a config, card, weight file, template or seed file that differs from the one the
+    run started with is refused unless force (then the manifest keeps what changed, and when)."""
     existing = _read_manifest(out) if out is not None else None
     if config is None and existing is not None:
-        cfg = Config(**existing["fingerprint"]["config"])
+        cfg = Config(**existing["fingerprint"]["config"]).located(_config_dir(existing))
     else:
         config = config or ROOT / "configs" / "default.toml"
         cfg = load_config(config)
@@ -128,18 +230,17 @@ def open_run(config: Path | None, out: Path | None, num_instructions: int | None
     names = [c.name for c, _ in [generator, *extras]]
     if len(set(names[1:])) != len(names) - 1:
         raise UserError("each extra model must be a different card (names repeat)")
-    for card, path in [generator, *extras]:  # fail before any stage, not hours into the run
+    # Everything that only reads files first, then what needs the backends: fail before any
+    # stage, not hours into the run.
+    seeds = split_types(load_seeds(cfg.path(cfg.seeds_file)))
+    _check_templates(cfg, extras)
+    out = out or Path("runs") / (Path(config).stem if config else "run")
+    _check_writable(out)
+    for card, path in [generator, *extras]:
         check_installed(card, path)
         check_weights(card, path)
         preflight(card, path)
-    seeds = split_types(load_seeds(cfg.path(cfg.seeds_file)))
-    out = out or ROOT / "runs" / (Path(config).stem if config else "run")
     fp = fingerprint(cfg, [generator, *extras])
-    if existing is not None:
-        changes = diff(existing.get("fingerprint"), fp)
-        if changes and not force:
-            raise UserError(f"{out} was started with a different setup: {'; '.join(changes[:3])}"
-                            f"{' ...' if len(changes) > 3 else ''} (use a new --out, or --force)")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -147,8 +248,48 @@ def open_run(config: Path | None, out: Path | None, num_instructions: int | None
         probe.unlink()
     except OSError as e:
         raise UserError(f"{out}: run directory is not writable ({e.strerror})") from None
+    lock(out)
+    existing = _read_manifest(out)  # again, under the lock: another run may have started it meanwhile
+    changes = []
+    if existing is not None:
+        old = existing["fingerprint"]
+        # A run started before weights were recorded cannot tell whether they changed.
+        changes = diff(old, fp if "weights" in old else {k: v for k, v in fp.items() if k != "weights"})
+    if changes and not force:
+        raise UserError(f"{out} was started with a different setup: {'; '.join(changes[:3])}"
+                        f"{' ...' if len(changes) > 3 else ''} (use a new --out, or --force)")
     manifest = existing or {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "timings": {}, "events": []}
+    if changes:
+        manifest.setdefault("forced", []).append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changes": changes})
     manifest.update(fingerprint=fp, seed=cfg.seed, versions=versions())
+    if cfg._dir is not None:
+        manifest["config_dir"] = str(cfg._dir)
     run = Run(out, cfg, generator, extras, seeds, manifest)
     run.save_manifest()
     return run
+
+
+def _config_dir(manifest: dict) -> Path | None:
+    d = manifest.get("config_dir")
+    return Path(d) if d and Path(d).is_dir() else None
+
+
+def open_existing(out: Path, lock_it: bool) -> Run:
+    """A run directory as its manifest describes it, for commands that read its stage files: no
+    model is checked, loaded or reached. `lock_it` for a command that writes into it."""
+    existing = _read_manifest(out) if out.is_dir() else None
+    if existing is None:
+        raise UserError(f"{out}: not a run directory (no manifest.json)")
+    fp = existing["fingerprint"]
+    try:
+        cfg = Config(**fp["config"]).located(_config_dir(existing))
+        cards = [ModelCard(**c) for c in fp["cards"].values()]  # generator first, then extras in order
+    except (ValueError, KeyError, AttributeError):
+        raise UserError(f"{out / 'manifest.json'}: not a run manifest this version can read") from None
+    paths = [cfg.path(cfg.generator), *(cfg.path(p) for p in cfg.extra)]
+    if len(cards) != len(paths):
+        raise UserError(f"{out / 'manifest.json'}: the manifest's cards do not match its config")
+    if lock_it:
+        lock(out)
+    pairs = list(zip(cards, paths))
+    return Run(out, cfg, pairs[0], pairs[1:], {}, existing)

@@ -16,11 +16,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from .backends import Backend, Completion, Decoding, load_backend
+from .backends import Backend, Completion, Decoding, load_backend, out_of_memory
 from .config import ModelCard
-from .errors import Interrupted
+from .errors import Interrupted, StopNow
 from .rundir import Run
-from .store import append_jsonl, read_jsonl
+from .store import append_jsonl
 
 
 def peak_rss_reset() -> None:
@@ -46,10 +46,21 @@ def loaded(run: Run, card: ModelCard, path: Path):
     peak_rss_reset()
     t0 = time.perf_counter()
     run.manifest["events"].append({"event": "load", "model": card.name, "time": time.time()})
-    backend = load_backend(card, path)
+    try:
+        backend = load_backend(card, path)
+    except Exception as e:
+        oom = out_of_memory(card, path, "loading", e)
+        if oom is None:
+            raise
+        raise oom from None
     load_s = time.perf_counter() - t0
     try:
         yield backend
+    except Exception as e:  # finished batches are on disk already; the one that failed is redone on resume
+        oom = out_of_memory(card, path, "generating with", e)
+        if oom is None:
+            raise
+        raise oom from None
     finally:
         backend.close()
         run.manifest["events"].append({"event": "free", "model": card.name, "time": time.time(),
@@ -117,10 +128,12 @@ def check_stop(run: Run, where: str) -> None:
 
 @contextmanager
 def stop_on_ctrl_c(run: Run):
-    """First Ctrl-C: finish the current batch, then stop. Second: stop at once."""
+    """First Ctrl-C: finish the current batch, then stop. Second: stop at once (the batch in
+    progress is lost and generated again on resume; everything appended before stays)."""
     def handler(signum, frame):
         if run.stop_requested:
-            raise KeyboardInterrupt
+            raise StopNow(f"stopped at once; every finished batch is on disk in {run.dir}. "
+                          f"Resume with: python run.py generate --out {run.dir}")
         run.stop_requested = True
         print("\nstopping after the current batch (Ctrl-C again to stop at once)...", file=sys.stderr)
     old = signal.signal(signal.SIGINT, handler)
@@ -130,8 +143,8 @@ def stop_on_ctrl_c(run: Run):
         signal.signal(signal.SIGINT, old)
 
 
-def done_ids(path: Path) -> set[str]:
-    return {r["id"] for r in read_jsonl(path, repair=True)}
+def done_ids(run: Run, path: Path) -> set[str]:
+    return {r["id"] for r in run.read(path)}
 
 
 def run_batches(run: Run, backend: Backend, *, key: str, where: str, path: Path, todo: list[dict],
@@ -143,7 +156,7 @@ def run_batches(run: Run, backend: Backend, *, key: str, where: str, path: Path,
     Local backends go batch by batch with fixed boundaries (batched decoding depends on them); a
     backend with `stream` (a server) keeps a window of requests in flight across the whole stage.
     """
-    done = done_ids(path)
+    done = done_ids(run, path)
     with Meter(run, key, backend.card.name) as meter, \
             progress_bar(key.replace("_", " "), len(todo), sum(it["id"] in done for it in todo)) as advance:
         if hasattr(backend, "stream"):  # a server: a sliding window of requests, each record appended when ready

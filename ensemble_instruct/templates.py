@@ -4,20 +4,41 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from .config import ROOT
 from .errors import UserError
 from .seeds import SeedTask
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
+TEMPLATE_DIR = ROOT / "templates"
 EOS = "|EoS|"
 _FIELD = re.compile(r"\{(\w+)\}")
+# The fields each kind of template is filled with (see the functions below). Any other {field}
+# would reach the model verbatim, so it is refused when the template is loaded.
+FIELDS = {"instructions": ("tasks", "next"), "instances_random": ("demos", "instruction"),
+          "instances": ("instruction",), "output": ("instruction", "input")}
 
 
-def load(name: str, directory: str | Path | None = None) -> str:
+def fields_for(name: str) -> tuple[str, ...]:
+    """The fields a template file may hold, by its name; an output template may have any name."""
+    for kind in ("instructions", "instances_random", "instances"):
+        if name.startswith(kind + "_"):
+            return FIELDS[kind]
+    return FIELDS["output"]
+
+
+def load(name: str, directory: str | Path | None = None, fields: tuple[str, ...] | None = None) -> str:
     path = Path(directory or TEMPLATE_DIR) / name
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"{path}: template not found") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+    allowed = fields if fields is not None else fields_for(name)
+    for m in _FIELD.finditer(text):
+        if m.group(1) not in allowed:
+            line = text.count("\n", 0, m.start()) + 1
+            raise UserError(f"{path}:{line}: unknown field {m.group(0)} (this template can use "
+                            f"{', '.join('{' + f + '}' for f in allowed)})")
     return text[:-1] if text.endswith("\n") else text
 
 

@@ -33,14 +33,26 @@ def random_text(rng: random.Random, lo: int = 0, hi: int = 12) -> str:
     return rng.choice([" ", "  ", "\n"]).join(out)
 
 
+@pytest.fixture(autouse=True)
+def release_run_locks():
+    """A test that opens runs in this process releases their locks, as the CLI does on exit."""
+    yield
+    from ensemble_instruct import rundir
+
+    for path in list(rundir._held):
+        rundir.unlock(path.parent)
+
+
 @pytest.fixture
 def rng():
     return random.Random(1234)
 
 
 def run_generate(out, *extra, env=None, config=None):
-    """`run.py generate` in a subprocess, on the CI preset (the embedded tiny models)."""
-    argv = [sys.executable, str(ROOT / "run.py"), "generate", "-c", str(config or ROOT / "configs" / "ci.toml"),
+    """`run.py generate` in a subprocess, on the CI preset (the embedded tiny models). With an
+    INJECT_* variable in env, through tests/inject.py (crash hooks, fake models)."""
+    script = "tests/inject.py" if any(k.startswith("INJECT_") for k in env or {}) else "run.py"
+    argv = [sys.executable, str(ROOT / script), "generate", "-c", str(config or ROOT / "configs" / "ci.toml"),
             "--out", str(out), *map(str, extra)]
     return subprocess.run(argv, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=900)
 

@@ -93,6 +93,34 @@ def test_transformers_nf4_batched_equals_single(smollm_nf4):
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in smollm_nf4.model.modules())
 
 
+CHATML = "<|im_start|>user\nName a red fruit.<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_chat_prompt_format_llamacpp():
+    """prompt_format = "chat": the model's own template wraps the prompt, its special tokens are
+    tokens (not text), and the end of the turn ends the answer."""
+    card, path = load_card("smollm2-135m-chat")
+    b = load_backend(card, path)
+    try:
+        assert b._format("Name a red fruit.") == CHATML  # llama.cpp's built-in chatml
+        assert len(b.tokenize("<|im_start|>", special=True)) < len(b.tokenize("<|im_start|>"))
+        out = b.generate(["Name a red fruit."], Decoding(max_tokens=64), [0])[0]
+        assert out.finish == "eos" and out.text.strip() and "<|im_end|>" not in out.text
+        # the plain card sends the prompt as it is
+        plain = load_backend(card.model_copy(update={"prompt_format": "plain"}), path)
+        assert plain._format("Name a red fruit.") == "Name a red fruit."
+        plain.close()
+    finally:
+        b.close()
+
+
+def test_chat_prompt_format_transformers(smollm_nf4):
+    text = smollm_nf4._format("Name a red fruit.")  # the tokenizer's jinja template (with its system turn)
+    assert text.startswith("<|im_start|>system\n") and text.endswith(CHATML)
+    out = smollm_nf4.generate(["Name a red fruit."], Decoding(max_tokens=48), [0])[0]
+    assert out.text.strip() and "<|im_end|>" not in out.text and "assistant" not in out.text[:12]
+
+
 @pytest.fixture(scope="module")
 def tiny_t5(tmp_path_factory):
     """A random T5 (d_model 64) and a tokenizer trained here: no T5 weights ship on PyPI."""

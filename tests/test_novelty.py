@@ -17,8 +17,10 @@ def reference(candidates, existing, threshold=0.7):
         if scores and max(scores) > threshold:
             res.append((False, None, None))
             continue
-        top = sorted(scores, reverse=True)[:10]
-        res.append((True, top, float(np.mean(scores)) if scores else 0.0))
+        # self-instruct's {pool[i]: score for i in np.argsort(scores)[-10:][::-1]}, with a stable
+        # sort so that equal scores have one order
+        top = {pool[i]: scores[i] for i in np.argsort(scores, kind="stable")[-10:][::-1]}
+        res.append((True, list(top.items()), float(np.mean(scores)) if scores else 0.0))
         pool.append(c)
     return res
 
@@ -33,7 +35,7 @@ def test_same_decisions_and_scores_as_rouge_score_loop():
     assert 50 < sum(n.keep for n in ours) < 690  # the set really mixes kept and rejected
     for n, (keep, top, mean) in zip(ours, ref):
         if keep:
-            assert sorted(n.most_similar.values(), reverse=True) == top[: len(n.most_similar)]
+            assert list(n.most_similar.items()) == top  # whole: the same texts, scores and order
             assert n.mean_score == mean
     assert filter_novel(cands, seeds) == [r[0] for r in ref]
 

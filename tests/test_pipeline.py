@@ -70,6 +70,16 @@ def test_same_seed_gives_identical_bytes(reference_run, tmp_path):
         assert (tmp_path / "again" / name).read_bytes() == (reference_run / name).read_bytes(), name
 
 
+def test_another_seed_gives_other_files(reference_run, tmp_path):
+    r = generate(tmp_path / "seed8", "--seed", "8")
+    assert r.returncode == 0, r.stderr[-2000:]
+    for name in ("instructions_A.jsonl", "instructions_B.jsonl", "instances_A.jsonl"):
+        assert (tmp_path / "seed8" / name).read_bytes() != (reference_run / name).read_bytes(), name
+    ours = [it["text"] for r in lines(tmp_path / "seed8" / "instructions_A.jsonl") for it in r["items"]]
+    ref = [it["text"] for r in lines(reference_run / "instructions_A.jsonl") for it in r["items"]]
+    assert ours != ref  # not only the recorded seeds: the sampled text differs
+
+
 def test_finished_run_resumes_as_noop_and_refuses_changed_config(reference_run, tmp_path):
     run = tmp_path / "copy"
     shutil.copytree(reference_run, run)
@@ -102,7 +112,7 @@ def _count(path):
 def test_sigkill_then_resume_is_byte_identical(reference_run, tmp_path, point):
     out = tmp_path / "run"
     if point[0] == "env":
-        r = generate(out, env={"ENSEMBLE_INSTRUCT_KILL_AT": point[1]})
+        r = generate(out, env={"INJECT_KILL_AT": point[1]})  # tests/inject.py patches the writes
         assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     else:
         _, name, n = point

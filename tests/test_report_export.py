@@ -74,6 +74,9 @@ def test_export_errors(tmp_path):
     r = cli("export", tmp_path, "-f", "xml", "-o", tmp_path / "x")
     assert r.returncode == 2 and "unknown format 'xml'" in r.stderr
     r = cli("export", tmp_path, "-o", tmp_path / "x")
+    assert r.returncode == 2 and "not a run directory" in r.stderr
+    (tmp_path / "manifest.json").write_text('{"fingerprint": {}}')  # a run that has not finished
+    r = cli("export", tmp_path, "-o", tmp_path.parent / "x")
     assert r.returncode == 2 and "no dataset.jsonl" in r.stderr
-    r = cli("report", tmp_path)
+    r = cli("report", tmp_path / "nope")
     assert r.returncode == 2 and "not a run directory" in r.stderr

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..config import ModelCard
-from ..errors import UserError
+from ..errors import OutOfMemory, UserError
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,24 @@ def load_backend(card: ModelCard, card_path: Path) -> Backend:
     check_installed(card, card_path)
     module = importlib.import_module(f".{_MODULES[card.backend][0]}", __name__)
     return module.load(card, card_path)
+
+
+_LOWER = {"llama_cpp": "fewer gpu_layers, a smaller parallel or context, or a smaller quantization",
+          "transformers": "a smaller batch_size, quantization nf4 or 8bit, or a smaller model",
+          "openai": "fewer requests in flight (concurrency)"}
+
+
+def out_of_memory(card: ModelCard, card_path: Path, during: str, e: BaseException) -> OutOfMemory | None:
+    """MemoryError, torch's (CUDA) OutOfMemoryError, or an allocator's "out of memory" as a one-line
+    error that names the card and what to lower; None for any other exception."""
+    oom = isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or (
+        isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+    if not oom:
+        return None
+    detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    return OutOfMemory(f"{card_path}: out of memory while {during} {card.name} ({detail}); everything finished "
+                       f"so far is saved. Lower the card's settings ({_LOWER[card.backend]}) and run the same "
+                       "command again (with --force: the card changed)")
 
 
 def stop_at(text, stops) -> int:

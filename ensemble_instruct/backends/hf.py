@@ -106,6 +106,8 @@ class HFBackend:
             self.tok = AutoTokenizer.from_pretrained(path)
             self.model = auto.from_pretrained(path, **kwargs)
         except (OSError, ValueError, ImportError, RuntimeError) as e:  # incl. bitsandbytes that cannot run here
+            if type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower():
+                raise  # the runner names the card and what to lower
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise UserError(f"{path}: transformers could not load the model ({first})") from None
         self.model.eval()

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 
 from ..config import ModelCard, check_gguf, resolve_weights
-from ..errors import UserError
+from ..errors import OutOfMemory, UserError
 from ..parsing import repetitive
 from . import LOOP_EVERY, LOOP_MIN, Completion, Decoding, stop_at, too_long
 
@@ -50,8 +50,9 @@ class LlamaCppBackend:
         mp.n_gpu_layers = 0x7FFFFFFF if card.gpu_layers == -1 else card.gpu_layers
         mp.use_extra_bufts = False  # no weight repacking: results independent of evaluation size
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
-        if not self.model:
-            raise UserError(f"{path}: llama.cpp could not load the model")
+        if not self.model:  # a broken file, or no room for the layers sent to the GPU
+            raise UserError(f"{path}: llama.cpp could not load the model (if the GPU is full: "
+                            f"fewer gpu_layers than {card.gpu_layers} on the card)")
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
 
         cp = llama_cpp.llama_context_default_params()
@@ -67,8 +68,9 @@ class LlamaCppBackend:
         self.ctx = llama_cpp.llama_init_from_model(self.model, cp)
         if not self.ctx:
             llama_cpp.llama_model_free(self.model)
-            raise UserError(f"{card.name}: llama.cpp could not create a context of {cp.n_ctx} tokens "
-                            f"({self.parallel} parallel sequences x {card.context}); lower parallel or context")
+            raise OutOfMemory(f"{card.name}: out of memory while loading: llama.cpp could not create a context of "
+                              f"{cp.n_ctx} tokens ({self.parallel} parallel sequences x {card.context}); lower "
+                              "parallel, context or gpu_layers on the card")
         self.n_ctx_seq = llama_cpp.llama_n_ctx_seq(self.ctx)
         self.mem = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(max(512, self.n_seq), 0, 1)
@@ -123,9 +125,11 @@ class LlamaCppBackend:
             b.seq_id[k][0] = seq
         b.n_tokens = len(entries)
         rc = self.L.llama_decode(self.ctx, b)
-        if rc != 0:
-            raise UserError(f"{self.card.name}: llama.cpp could not evaluate a batch (llama_decode returned {rc}); "
-                            "out of memory? lower parallel or context on the card")
+        if rc != 0:  # 1: no room in the KV cache, < -1: an allocation failed
+            error = OutOfMemory if rc == 1 or rc < -1 else UserError
+            raise error(f"{self.card.name}: llama.cpp could not evaluate a batch (llama_decode returned {rc}); "
+                        "out of memory? lower parallel, context or gpu_layers on the card; everything finished "
+                        "so far is saved")
 
     def _prefill(self, seq: int, tokens: list[int], start: int) -> None:
         """Evaluate tokens[start:] into `seq`, in chunks; logits only for the last token."""

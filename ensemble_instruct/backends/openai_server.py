@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..config import ModelCard
-from ..errors import UserError
+from ..errors import BadResponse, UserError
 from . import Completion, Decoding, stop_at, too_long
 
 _CONTEXT_WORDS = ("context", "too long", "maximum", "exceed")
@@ -58,7 +58,7 @@ def preflight(card: ModelCard, card_path: Path) -> None:
             try:
                 models = {m.get("id"): m for m in r.json().get("data", [])}
             except (ValueError, AttributeError):
-                raise UserError(f"{card_path}: the server at {url} answered /v1/models with something "
+                raise BadResponse(f"{card_path}: the server at {url} answered /v1/models with something "
                                 "that is not an OpenAI model list") from None
             if models and card.model not in models:
                 raise UserError(f"{card_path}: the server at {url} does not serve model {card.model!r} "
@@ -161,7 +161,7 @@ class OpenAIBackend:
             choice = data["choices"][0]
             text = (choice.get("message") or {}).get("content") if chat else choice.get("text")
         except (KeyError, IndexError, TypeError, AttributeError):
-            raise UserError(f"{self.card.name}: the server answered {path} without a completion "
+            raise BadResponse(f"{self.card.name}: the server answered {path} without a completion "
                             f"(no 'choices' in {str(data)[:120]!r}); is it an OpenAI-compatible server?") from None
         usage = data.get("usage") or {}
         if choice.get("finish_reason") == "length":
@@ -218,7 +218,7 @@ class OpenAIBackend:
                 raise UserError(f"{self.card.name}: the server at {url} answered HTTP {r.status_code}: {text}")
             data = _json(r)
             if data is None:
-                raise UserError(f"{self.card.name}: the server at {url} answered {path} with HTTP 200 but not "
+                raise BadResponse(f"{self.card.name}: the server at {url} answered {path} with HTTP 200 but not "
                                 f"JSON ({' '.join(r.text[:80].split())!r}); is it an OpenAI-compatible server?")
             return data
         raise UserError(f"{self.card.name}: the server at {url} did not answer after "

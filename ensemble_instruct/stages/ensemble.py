@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..ensemble import decision_record, ensemble
 from ..errors import UserError
 from ..rundir import TYPES, Run
-from ..store import read_jsonl, write_jsonl
+from ..store import write_jsonl
 from . import instances, outputs
 
 
@@ -18,7 +18,7 @@ def run_stage(run: Run) -> None:
         for card, _ in run.extras:
             p = outputs.path(run, card, typ)
             # An output that can never be kept (looping, no room in the context) counts as empty.
-            table = {r["id"]: "" if r.get("reason") else r["output"] for r in read_jsonl(p)}
+            table = {r["id"]: "" if r.get("reason") else r["output"] for r in run.read(p)}
             missing = [it["id"] for it in usable if it["id"] not in table]
             if missing:
                 raise UserError(f"{p}: no output for {missing[0]} ({len(missing)} missing): run the outputs stage first")

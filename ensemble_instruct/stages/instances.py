@@ -12,7 +12,6 @@ from ..errors import UserError
 from ..parsing import parse_instance
 from ..runner import done_ids, run_batches
 from ..rundir import Run, rng_for, seed_for
-from ..store import read_jsonl
 from . import instructions
 
 # The parser cuts a completion where the model starts another block anyway; stopping there too
@@ -29,12 +28,12 @@ def todo(run: Run, typ: str) -> list[dict]:
 
 
 def pending(run: Run, typ: str) -> bool:
-    done = done_ids(path(run, typ))
+    done = done_ids(run, path(run, typ))
     return instructions.pending(run, typ) or any(it["id"] not in done for it in todo(run, typ))
 
 
 def usable(run: Run, typ: str) -> list[dict]:
-    return [r for r in read_jsonl(path(run, typ), repair=True) if r["reason"] is None]
+    return [r for r in run.read(path(run, typ)) if r["reason"] is None]
 
 
 def template(run: Run, typ: str) -> str:

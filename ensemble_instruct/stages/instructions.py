@@ -12,20 +12,21 @@ from ..filters import process_completion
 from ..novelty import Pool, novelty_scores
 from ..runner import Meter, check_stop, progress_bar
 from ..rundir import Run, rng_for, seed_for
-from ..store import append_jsonl, read_jsonl, write_jsonl
+from ..store import append_jsonl, write_jsonl
 
 
 def records(run: Run, typ: str) -> list[dict]:
     """The requests on disk. A batch cut short by a crash is removed whole: its prompts were
     made from the pool at the batch start, so it is generated again from the same state."""
     path = run.file(f"instructions_{typ}.jsonl")
-    recs = read_jsonl(path, repair=True)
+    recs = run.read(path)
     for n, r in enumerate(recs):
         if r.get("request") != n:
             raise UserError(f"{path}:{n + 1}: expected request {n}, found {r.get('request')!r} (file edited by hand?)")
     if recs:
         first, size = recs[-1].get("batch", (recs[-1]["request"], 1))
         if len(recs) < first + size:
+            run.note_repair(path, f"removed requests {first}-{len(recs) - 1}: their batch was cut short")
             recs = recs[:first]
             write_jsonl(path, recs)
     return recs

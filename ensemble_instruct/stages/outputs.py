@@ -18,7 +18,7 @@ def path(run: Run, card: ModelCard, typ: str) -> Path:
 
 
 def pending(run: Run, card: ModelCard, typ: str) -> bool:
-    done = done_ids(path(run, card, typ))
+    done = done_ids(run, path(run, card, typ))
     return any(it["id"] not in done for it in instances.usable(run, typ))
 
 
@@ -39,7 +39,8 @@ def reason(text: str, finish: str, instance: dict) -> str | None:
 
 def run_stage(run: Run, backend: Backend, typ: str) -> None:
     card, c = backend.card, run.cfg.outputs
-    template = templates.load(card.output_template or "output.txt", run.cfg.path(run.cfg.templates_dir))
+    template = templates.load(card.output_template or "output.txt", run.cfg.path(run.cfg.templates_dir),
+                              templates.FIELDS["output"])
 
     def request(index: int, it: dict) -> tuple[str, int]:
         return (templates.output_prompt(template, it["instruction"], it["input"]),
