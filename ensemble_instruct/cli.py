@@ -154,7 +154,7 @@ def evaluate(
 ):
     """Measure the ensemble on tasks with gold answers: each model, each selection rule, a threshold sweep."""
     from . import evaluate as ev
-    from .config import Config, load_config
+    from .config import ROOT, Config, load_config
 
     files = [*(outputs or []), *(more or [])]
     if more and not outputs:
@@ -169,10 +169,10 @@ def evaluate(
         if config is not None and not config.is_file():
             raise UserError(f"{config}: config file not found")
         cfg = load_config(config) if config else Config(generator="-", extra=["-", "-"])
-        names, cands = ev.read_outputs(task_list, files, tasks_name)
-        out = out or Path("runs") / "evaluate"
+        names, cands = ev.read_outputs(task_list, files, tasks_name, limited=limit is not None)
+        out = out or ROOT / "runs" / "evaluate"
     else:
-        out = out or Path("runs") / f"evaluate-{config.stem if config else 'default'}"
+        out = out or ROOT / "runs" / f"evaluate-{config.stem if config else 'default'}"
         run = _open(config, out, force)
         cfg = run.cfg
         names, cands = ev.answer_with_models(run, task_list, tasks_name, force)

@@ -75,11 +75,16 @@ def load_tasks(path: Path | None) -> tuple[list[dict], str]:
     return tasks, str(path)
 
 
-def read_outputs(tasks: list[dict], files: list[Path], tasks_name: str) -> tuple[list[str], list[list[str]]]:
-    """Model names and candidates per task from precomputed answer files (matched as `ensemble` does)."""
+def read_outputs(tasks: list[dict], files: list[Path], tasks_name: str,
+                 limited: bool = False) -> tuple[list[str], list[list[str]]]:
+    """Model names and candidates per task from precomputed answer files (matched as `ensemble` does).
+    `limited`: the tasks are the first N of the file (--limit), so answers to the others are skipped."""
     if len(files) < 3:
         raise UserError(f"evaluate needs at least 3 --outputs files (3 candidates per task), got {len(files)}")
     outs = [read_user_jsonl(p) for p in files]
+    if limited:
+        ids = {t["id"] for t in tasks}
+        outs = [[r for r in o if r.get("id") in ids] if all("id" in r for r in o) else o[:len(tasks)] for o in outs]
     # match by id only when every task and every answer has one (seed tasks always do)
     inst = [{k: v for k, v in t.items() if not (k == "id" and t.get("auto_id"))} for t in tasks]
     cols = ens.align(inst, outs, [tasks_name, *map(str, files)])
@@ -230,8 +235,10 @@ def print_terminal(result: dict, configured: str) -> None:
     from rich.table import Table
 
     console = Console()
+    if not console.is_terminal:  # a pipe or a log file: wide enough that no cell wraps
+        console = Console(width=200)
     for title, header, rows in tables(result, configured):
-        t = Table(*header, title=title)
+        t = Table(*header, title=title, title_justify="left")
         for r in rows:
             t.add_row(*r)
         console.print(t)
