@@ -163,8 +163,10 @@ def evaluate(
         raise UserError(f"{tasks}: file not found")
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1, got {limit}")
-    task_list, tasks_name = ev.load_tasks(tasks)
-    task_list = task_list[:limit] if limit else task_list
+    if threshold is not None and not 0 <= threshold < 1:  # before any model is loaded
+        raise UserError(f"--threshold must be in [0, 1), got {threshold}")
+    all_tasks, tasks_name = ev.load_tasks(tasks)
+    task_list = all_tasks[:limit] if limit else all_tasks
     if files:
         if config is not None and not config.is_file():
             raise UserError(f"{config}: config file not found")
@@ -175,10 +177,8 @@ def evaluate(
         out = out or ROOT / "runs" / f"evaluate-{config.stem if config else 'default'}"
         run = _open(config, out, force)
         cfg = run.cfg
-        names, cands = ev.answer_with_models(run, task_list, tasks_name, force)
+        names, cands = ev.answer_with_models(run, all_tasks, tasks_name, force, limit)
     threshold = cfg.ensemble.threshold if threshold is None else threshold
-    if not 0 <= threshold < 1:
-        raise UserError(f"--threshold must be in [0, 1), got {threshold}")
     ev.run_evaluation(out, task_list, tasks_name, names, cands, threshold, cfg.ensemble.quorum, cfg.ensemble.rule)
     typer.echo(f"report: {out / 'report.md'}, {out / 'report.html'}")
 

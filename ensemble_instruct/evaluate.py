@@ -164,13 +164,15 @@ def row_records(tasks: list[dict], names: list[str], candidates: list[list[str]]
 
 # ---------------------------------------------------------------- answering with models
 
-def answer_with_models(run, tasks: list[dict], tasks_name: str, force: bool = False) -> tuple[list[str], list[list[str]]]:
-    """The generator and each extra model answer every task zero-shot, one model loaded at a time,
-    into RUN/answers_<model>.jsonl; a rerun skips what is on disk."""
+def answer_with_models(run, tasks: list[dict], tasks_name: str, force: bool = False,
+                       limit: int | None = None) -> tuple[list[str], list[list[str]]]:
+    """The generator and each extra model answer every task (the first `limit`) zero-shot, one
+    model loaded at a time, into RUN/answers_<model>.jsonl; a rerun skips what is on disk."""
     from .runner import loaded, stop_on_ctrl_c
     from .stages.outputs import answer
 
-    tag = {"tasks": tasks_name, "ids": len(tasks), "hash": _tasks_hash(tasks)}
+    tag = {"tasks": tasks_name, "ids": len(tasks), "hash": _tasks_hash(tasks)}  # all tasks: --limit may grow
+    tasks = tasks[:limit] if limit else tasks
     old = run.manifest.get("evaluate")
     if old and old.get("hash") != tag["hash"] and not force:
         raise UserError(f"{run.dir} holds answers to other tasks ({old.get('tasks')}); use a new --out, or --force")
