@@ -296,7 +296,8 @@ def write_report(out: Path, result: dict, configured: str, tasks_name: str) -> N
     plots = _plots(out, result)
     md = ["# Evaluation report", "",
           f"{result['rows']} tasks from `{tasks_name}`, {len(result['models'])} models; the configured rule is "
-          f"marked *. ROUGE-L is rouge-score's F1 with stemming, gold as the target.", ""]
+          f"marked *. ROUGE-L is rouge-score's F1 with stemming, gold as the target.", "",
+          *(f"- `{r}`: {rules.HELP[r]}" for r in result["rules"]), ""]
     for title, header, rows in tables(result, configured):
         md += [f"## {title}", "", _table(header, rows), ""]
     md += ["## Threshold sweep", "",

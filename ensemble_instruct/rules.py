@@ -39,6 +39,13 @@ RULES = {
     "quorum": ("quorum", "rouge"),
 }
 DEFAULT = "paper"
+HELP = {
+    "paper": "the spec: exact match, else keep if every pairwise ROUGE-L > threshold; pick the medoid",
+    "weighted": "keep as paper; pick by a vote weighted by each model's dataset-wide agreement",
+    "weighted-f1": "as weighted, with token-level F1 as the similarity",
+    "weighted-chrf": "as weighted, with chrF (character n-grams) as the similarity",
+    "quorum": "keep if some k candidates agree pairwise (k: a majority by default); pick among them by the vote",
+}
 
 
 # ---------------------------------------------------------------- similarities (on normalized text)
