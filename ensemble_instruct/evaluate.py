@@ -131,16 +131,19 @@ def rule_numbers(R: np.ndarray, scored: rules.Scored, keep: np.ndarray, names: l
     return out
 
 
+def score_all(candidates: list[list[str]], quorum: int = 0) -> dict[str, rules.Scored]:
+    return {rule: rules.score(candidates, rule, quorum) for rule in rules.RULES}
+
+
 def measure(names: list[str], gold: list[str], candidates: list[list[str]], threshold: float = 0.01,
-            quorum: int = 0, sweep=SWEEP) -> dict:
+            quorum: int = 0, sweep=SWEEP, scores: dict[str, rules.Scored] | None = None) -> dict:
     R = gold_rouge(gold, candidates)
     E = exact(gold, candidates)
     result = {"rows": len(gold), "threshold": threshold,
               "models": {m: {"rouge_l": float(R[:, i].mean()), "exact": float(E[:, i].mean())}
                          for i, m in enumerate(names)},
               "rules": {}, "sweep": {}}
-    for rule in rules.RULES:
-        scored = rules.score(candidates, rule, quorum)
+    for rule, scored in (scores or score_all(candidates, quorum)).items():
         result["rules"][rule] = rule_numbers(R, scored, rules.kept_mask(scored, candidates, threshold), names)
         result["sweep"][rule] = [{"threshold": t, **{k: v for k, v in rule_numbers(
             R, scored, rules.kept_mask(scored, candidates, t), names).items()
@@ -149,13 +152,10 @@ def measure(names: list[str], gold: list[str], candidates: list[list[str]], thre
 
 
 def row_records(tasks: list[dict], names: list[str], candidates: list[list[str]], threshold: float,
-                quorum: int = 0) -> list[dict]:
+                scores: dict[str, rules.Scored]) -> list[dict]:
     """Per task: each model's ROUGE-L vs gold, and each rule's pick and whether it kept the row."""
     R = gold_rouge([t["output"] for t in tasks], candidates)
-    picks = {}
-    for rule in rules.RULES:
-        s = rules.score(candidates, rule, quorum)
-        picks[rule] = (s.pick, rules.kept_mask(s, candidates, threshold), s.confidence)
+    picks = {rule: (s.pick, rules.kept_mask(s, candidates, threshold), s.confidence) for rule, s in scores.items()}
     return [{"id": t["id"], "rouge_l": {m: round(float(R[k, i]), 4) for i, m in enumerate(names)},
              "rules": {r: {"kept": bool(kept[k]), "pick": names[int(p[k])], "confidence": round(float(c[k]), 4)}
                        for r, (p, kept, c) in picks.items()}}
@@ -312,9 +312,10 @@ def write_report(out: Path, result: dict, configured: str, tasks_name: str) -> N
 
 def run_evaluation(out: Path, tasks: list[dict], tasks_name: str, names: list[str], candidates: list[list[str]],
                    threshold: float, quorum: int, configured: str) -> dict:
-    result = measure(names, [t["output"] for t in tasks], candidates, threshold, quorum)
+    scores = score_all(candidates, quorum)  # each rule scores the rows once; thresholds come after
+    result = measure(names, [t["output"] for t in tasks], candidates, threshold, quorum, scores=scores)
     result["configured_rule"] = configured
     write_report(out, result, configured, tasks_name)
-    write_jsonl(out / "rows.jsonl", row_records(tasks, names, candidates, threshold, quorum))
+    write_jsonl(out / "rows.jsonl", row_records(tasks, names, candidates, threshold, scores))
     print_terminal(result, configured)
     return result
