@@ -149,17 +149,18 @@ def main() -> None:
         if len(models) < 3:
             print("(fewer than 3 models)\n")
             continue
-        rows = combos(tasks, models, a.threshold)
-        print("\n".join(summary(rows, f"three models, threshold {a.threshold:g}")))
-        print()
-        if a.detail:
-            for r in rows:
-                print(" ".join(r["models"]), " | ".join(
-                    f"{k} {v[0]:.2f} {v[1]:.3f}/{v[2]:.3f}" for k, v in r.items() if k != "models" and v[1] is not None))
-        if len(models) >= 5:
-            rows = combos(tasks, models, a.threshold, size=5)
-            print("\n".join(summary(rows, f"five models, threshold {a.threshold:g}")))
+        for size in [3] + ([5] if len(models) >= 5 else [4] if len(models) == 4 else []):
+            rows = combos(tasks, models, a.threshold, size)
+            print("\n".join(summary(rows, f"{size} models, threshold {a.threshold:g}")))
             print()
+            if a.detail or len(rows) <= 10:
+                print("| models | " + " | ".join(rules.RULES) + " |")
+                print("|---|" + "---|" * len(rules.RULES))
+                for r in rows:
+                    print(f"| {', '.join(r['models'])} | " + " | ".join(
+                        "kept 0" if r[k][1] is None else f"kept {r[k][0]:.2f}: {r[k][1]:.3f} vs {r[k][2]:.3f}"
+                        for k in rules.RULES) + " |")
+                print("\n(per rule: kept fraction: pick's ROUGE-L vs the best single model's, on the kept rows)\n")
 
 
 if __name__ == "__main__":
