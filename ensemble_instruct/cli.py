@@ -144,12 +144,12 @@ def evaluate(
                                          "id (default: the 175 seed tasks; the first instance's output is gold)."),
     outputs: Optional[List[Path]] = typer.Option(None, "--outputs", help="Precomputed answers: --outputs F1 F2 F3 ... "
                                                  "(JSONL with output, optional id), instead of running the models."),
-    more: Optional[List[Path]] = typer.Argument(None, hidden=True),
+    more: Optional[List[Path]] = typer.Argument(None, hidden=True, metavar="MORE_OUTPUTS"),  # --outputs F1 F2 F3
     config: Optional[Path] = CONFIG,
     out: Optional[Path] = typer.Option(None, "--out", help="Evaluation directory (default: runs/evaluate-<config>, "
                                        "or runs/evaluate with --outputs). Model answers there are resumed."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N tasks."),
-    threshold: Optional[float] = typer.Option(None, "--threshold", help="Default: the config's [ensemble] threshold."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Keep threshold (default: the config's ensemble threshold, 0.01)."),
     force: bool = FORCE,
 ):
     """Measure the ensemble on tasks with gold answers: each model, each selection rule, a threshold sweep."""

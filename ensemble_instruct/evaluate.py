@@ -10,6 +10,7 @@ ROUGE-L is rouge-score's (stemming on, gold as target) computed with rapidfuzz (
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -293,7 +294,11 @@ def write_report(out: Path, result: dict, configured: str, tasks_name: str) -> N
 
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", result)
-    plots = _plots(out, result)
+    try:
+        plots = _plots(out, result)
+    except ImportError:  # the core install has no matplotlib: the tables are the report then
+        plots = []
+        print("plots skipped: matplotlib is not installed (pip install -e '.[report]')", file=sys.stderr)
     md = ["# Evaluation report", "",
           f"{result['rows']} tasks from `{tasks_name}`, {len(result['models'])} models; the configured rule is "
           f"marked *. ROUGE-L is rouge-score's F1 with stemming, gold as the target.", "",
