@@ -100,9 +100,13 @@ def ensemble(
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Where to write the kept instances (JSONL)."),
     threshold: float = typer.Option(0.01, help="Keep only if every pairwise ROUGE-L F1 is above this."),
     run_dir: Optional[Path] = typer.Option(None, "--run", help="Run the ensemble stage of this run directory instead."),
+    rule: str = typer.Option("paper", "--rule", help="Selection rule: paper | weighted | weighted-f1 | "
+                             "weighted-chrf | quorum (see `evaluate`)."),
+    quorum: int = typer.Option(0, "--quorum", help="quorum rule: agreeing candidates needed (0 = a majority)."),
 ):
     """Keep only the instances whose candidate outputs agree (CPU only, no model)."""
     from . import ensemble as ens
+    from .rules import RULES, select
     from .store import read_jsonl, write_jsonl
 
     if run_dir is not None:
@@ -120,13 +124,15 @@ def ensemble(
         raise UserError("ensemble needs at least 2 OUTPUTS files (3 candidates per instance)")
     if not 0 <= threshold < 1:
         raise UserError(f"--threshold must be in [0, 1), got {threshold}")
+    if rule not in RULES:
+        raise UserError(f"--rule {rule}: unknown rule (one of {', '.join(RULES)})")
     for p in [instances, *outputs]:
         if not p.is_file():
             raise UserError(f"{p}: file not found")
     names = [str(p) for p in [instances, *outputs]]
     inst = read_jsonl(instances, "user")  # the user's own files: a last line without newline is data
     cands = ens.align(inst, [read_jsonl(p, "user") for p in outputs], names)
-    decisions = ens.ensemble(cands, threshold)
+    decisions = select(cands, rule, threshold, quorum)
     sources = ["generator"] + [p.stem for p in outputs]
     write_jsonl(out, (ens.decision_record(i, d, sources) for i, d in zip(inst, decisions) if d.kept))
     counts: dict[str, int] = {}
@@ -134,8 +140,54 @@ def ensemble(
         counts[d.rule] = counts.get(d.rule, 0) + 1
     kept = sum(d.kept for d in decisions)
     typer.echo(f"kept {kept} of {len(decisions)}, dropped {len(decisions) - kept} "
-               f"(exact match: {counts.get('exact', 0)}, rouge-l: {counts.get('rouge', 0)}, "
+               f"(exact match: {counts.get('exact', 0)}, {'rouge-l' if rule == 'paper' else rule}: "
+               f"{counts.get('rouge' if rule == 'paper' else rule, 0)}, "
                f"below threshold: {counts.get('below_threshold', 0)}) -> {out}")
+
+
+@app.command()
+def evaluate(
+    tasks: Optional[Path] = typer.Option(None, "--tasks", help="JSONL with instruction, input, gold output, optional "
+                                         "id (default: the 175 seed tasks; the first instance's output is gold)."),
+    outputs: Optional[List[Path]] = typer.Option(None, "--outputs", help="Precomputed answers: --outputs F1 F2 F3 ... "
+                                                 "(JSONL with output, optional id), instead of running the models."),
+    more: Optional[List[Path]] = typer.Argument(None, hidden=True, metavar="MORE_OUTPUTS"),  # --outputs F1 F2 F3
+    config: Optional[Path] = CONFIG,
+    out: Optional[Path] = typer.Option(None, "--out", help="Evaluation directory (default: runs/evaluate-<config>, "
+                                       "or runs/evaluate with --outputs). Model answers there are resumed."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N tasks."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Keep threshold (default: the config's ensemble threshold, 0.01)."),
+    force: bool = FORCE,
+):
+    """Measure the ensemble on tasks with gold answers: each model, each selection rule, a threshold sweep."""
+    from . import evaluate as ev
+    from .config import ROOT, Config, load_config
+
+    files = [*(outputs or []), *(more or [])]
+    if more and not outputs:
+        raise UserError("unexpected arguments: answer files go after --outputs")
+    if tasks is not None and not tasks.is_file():
+        raise UserError(f"{tasks}: file not found")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1, got {limit}")
+    if threshold is not None and not 0 <= threshold < 1:  # before any model is loaded
+        raise UserError(f"--threshold must be in [0, 1), got {threshold}")
+    all_tasks, tasks_name = ev.load_tasks(tasks)
+    task_list = all_tasks[:limit] if limit else all_tasks
+    if files:
+        if config is not None and not config.is_file():
+            raise UserError(f"{config}: config file not found")
+        cfg = load_config(config) if config else Config(generator="-", extra=["-", "-"])
+        names, cands = ev.read_outputs(task_list, files, tasks_name, limited=limit is not None)
+        out = out or ROOT / "runs" / "evaluate"
+    else:
+        out = out or ROOT / "runs" / f"evaluate-{config.stem if config else 'default'}"
+        run = _open(config, out, force)
+        cfg = run.cfg
+        names, cands = ev.answer_with_models(run, all_tasks, tasks_name, force, limit)
+    threshold = cfg.ensemble.threshold if threshold is None else threshold
+    ev.run_evaluation(out, task_list, tasks_name, names, cands, threshold, cfg.ensemble.quorum, cfg.ensemble.rule)
+    typer.echo(f"report: {out / 'report.md'}, {out / 'report.html'}")
 
 
 @app.command()

@@ -136,6 +136,10 @@ class OutputsCfg(Strict):
 
 class EnsembleCfg(Strict):
     threshold: float = Field(0.01, ge=0, lt=1)
+    # selection rule (ensemble_instruct/rules.py): paper (the spec's, default), weighted,
+    # weighted-f1, weighted-chrf, quorum; `run.py evaluate` compares them on gold answers
+    rule: Literal["paper", "weighted", "weighted-f1", "weighted-chrf", "quorum"] = "paper"
+    quorum: int = Field(0, ge=0)  # quorum rule: agreeing candidates needed (0 = a majority)
 
 
 class Config(Strict):

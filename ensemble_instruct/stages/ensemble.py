@@ -2,8 +2,9 @@
 it takes seconds and needs no resume)."""
 from __future__ import annotations
 
-from ..ensemble import decision_record, ensemble
+from ..ensemble import decision_record
 from ..errors import UserError
+from ..rules import select
 from ..rundir import TYPES, Run
 from ..store import write_jsonl
 from . import instances, outputs
@@ -24,7 +25,8 @@ def run_stage(run: Run) -> None:
                 raise UserError(f"{p}: no output for {missing[0]} ({len(missing)} missing): run the outputs stage first")
             columns.append([table[it["id"]] for it in usable])
         cands = [[it["output"], *(col[k] for col in columns)] for k, it in enumerate(usable)]
-        decisions = ensemble(cands, run.cfg.ensemble.threshold) if cands else []
+        e = run.cfg.ensemble
+        decisions = select(cands, e.rule, e.threshold, e.quorum) if cands else []
         records = [{**decision_record(it, d, sources), "kept": d.kept} for it, d in zip(usable, decisions)]
         write_jsonl(run.file(f"ensemble_{typ}.jsonl"), records)
         kept_all += [{k: v for k, v in r.items() if k != "kept"} for r in records if r["kept"]]

@@ -37,19 +37,27 @@ def reason(text: str, finish: str, instance: dict) -> str | None:
     return None
 
 
-def run_stage(run: Run, backend: Backend, typ: str) -> None:
+def answer(run: Run, backend: Backend, todo: list[dict], out: Path, *, key: str, stage: str, typ: str,
+           where: str) -> None:
+    """Each item of `todo` (id, instruction, input) answered zero-shot and greedily into `out`;
+    `evaluate` reuses this for tasks with gold answers."""
     card, c = backend.card, run.cfg.outputs
     template = templates.load(card.output_template or "output.txt", run.cfg.path(run.cfg.templates_dir),
                               templates.FIELDS["output"])
 
     def request(index: int, it: dict) -> tuple[str, int]:
         return (templates.output_prompt(template, it["instruction"], it["input"]),
-                seed_for(run.cfg.seed, f"outputs/{card.name}", typ, index))
+                seed_for(run.cfg.seed, stage, typ, index))
 
     def record(it: dict, seed: int, comp) -> dict:
         text = comp.text.strip()
         return {"id": it["id"], "output": text, "reason": reason(text, comp.finish, it), "finish": comp.finish}
 
-    run_batches(run, backend, key=f"outputs_{card.name}_{typ}", where=f"extra outputs ({card.name}, {typ})",
-                path=path(run, card, typ), todo=instances.usable(run, typ),
+    run_batches(run, backend, key=key, where=where, path=out, todo=todo,
                 params=Decoding(c.max_tokens, stop=(*c.stop, *card.output_stop)), request=request, record=record)
+
+
+def run_stage(run: Run, backend: Backend, typ: str) -> None:
+    card = backend.card
+    answer(run, backend, instances.usable(run, typ), path(run, card, typ), key=f"outputs_{card.name}_{typ}",
+           stage=f"outputs/{card.name}", typ=typ, where=f"extra outputs ({card.name}, {typ})")

@@ -1,0 +1,239 @@
+"""`run.py evaluate` and the selection rules, without models: hand-built answer files whose numbers
+are known, rouge-score as the reference, monotone sweeps, deterministic rules, one-line errors."""
+import json
+import random
+import subprocess
+import sys
+import typing
+
+import numpy as np
+import pytest
+from rouge_score import rouge_scorer
+
+from conftest import ROOT, random_text
+from ensemble_instruct import ensemble as ens
+from ensemble_instruct import rules
+from ensemble_instruct.config import EnsembleCfg
+from ensemble_instruct.evaluate import SWEEP, gold_rouge, measure
+
+
+def run(*args):
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT)
+
+
+def write(path, rows, newline_at_end=True):
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    path.write_text(text if newline_at_end else text.rstrip("\n"))
+    return path
+
+
+# Four tasks, three models; the numbers below are worked out by hand (see each row).
+GOLD = ["alpha beta gamma delta", "red green blue", "a b c d e f g h i j", "x"]
+M1 = ["alpha beta gamma delta", "red green blue", "a b c d e f g x y z", ""]  # 1, 1, 0.7, 0
+M2 = ["Alpha beta, gamma delta!", "red green", "a b c d e f g h i j", ""]  # 1, 0.8, 1, 0
+M3 = ["zeta", "yellow", "a b c d e f g", "x"]  # 0, 0, 2*.7/1.7, 1
+R3 = 2 * 0.7 / 1.7  # 7 of 10 gold tokens, all 7 of the answer's: p = 1, r = 0.7
+
+
+def hand_built(tmp_path, newline_at_end=True):
+    tasks = write(tmp_path / "tasks.jsonl", [{"id": f"t{k}", "instruction": f"task {k}", "input": "", "output": g}
+                                             for k, g in enumerate(GOLD)], newline_at_end)
+    files = [write(tmp_path / f"m{i}.jsonl", [{"id": f"t{k}", "output": o} for k, o in enumerate(col)][::-1],
+                   newline_at_end) for i, col in enumerate((M1, M2, M3), 1)]
+    return tasks, files
+
+
+def test_known_numbers_end_to_end(tmp_path):
+    tasks, files = hand_built(tmp_path)
+    out = tmp_path / "eval"
+    r = run("evaluate", "--tasks", tasks, "--outputs", *files, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "Selection rules" in r.stdout and "paper *" in r.stdout
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["rows"] == 4
+    assert m["models"]["m1"] == {"rouge_l": pytest.approx(2.7 / 4), "exact": 0.5}
+    assert m["models"]["m2"] == {"rouge_l": pytest.approx(2.8 / 4), "exact": 0.5}
+    assert m["models"]["m3"] == {"rouge_l": pytest.approx((R3 + 1) / 4), "exact": 0.25}
+    p = m["rules"]["paper"]
+    # t0: exact match m1 = m2 (kept, m1's text); t1: m3 shares no word (dropped); t2: all agree, m3 is
+    # the medoid (sums 0.7+R3 for m1 and m2, 2*R3 for m3); t3: two empty answers never agree (dropped)
+    assert p["kept"] == 2 and p["kept_fraction"] == 0.5
+    assert p["pick"] == pytest.approx((1 + R3) / 2)
+    assert p["models_kept"] == pytest.approx({"m1": 0.85, "m2": 1.0, "m3": R3 / 2})
+    assert p["best_model"] == "m2" and p["best_single"] == 1.0 and p["oracle"] == 1.0
+    assert p["pick_minus_best"] == pytest.approx((1 + R3) / 2 - 1)
+    assert p["models_dropped"] == pytest.approx({"m1": 0.5, "m2": 0.4, "m3": 0.5})
+    # quorum (a majority: 2 of 3) also keeps t1, where m1 and m2 agree
+    assert m["rules"]["quorum"]["kept"] == 3
+    for name in ("report.md", "report.html", "sweep.png", "models.png", "rows.jsonl"):
+        assert (out / name).stat().st_size > 0
+    rows = [json.loads(x) for x in (out / "rows.jsonl").read_text().splitlines()]
+    assert rows[2]["rules"]["paper"] == {"kept": True, "pick": "m3", "confidence": 0.7}
+    assert "<img" in (out / "report.html").read_text()
+
+
+def test_last_line_without_newline_is_data(tmp_path):
+    tasks, files = hand_built(tmp_path, newline_at_end=False)
+    r = run("evaluate", "--tasks", tasks, "--outputs", *files, "--out", tmp_path / "eval")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["rows"] == 4
+
+
+def test_matched_by_line_without_ids(tmp_path):
+    tasks = write(tmp_path / "tasks.jsonl", [{"instruction": f"task {k}", "output": g} for k, g in enumerate(GOLD)])
+    files = [write(tmp_path / f"m{i}.jsonl", [{"output": o} for o in col]) for i, col in enumerate((M1, M2, M3), 1)]
+    r = run("evaluate", "--tasks", tasks, "--outputs", *files, "--out", tmp_path / "eval")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["rules"]["paper"]["kept"] == 2
+
+
+def test_seed_tasks_are_the_default(tmp_path):
+    seeds = [json.loads(x) for x in (ROOT / "seeds" / "seed_tasks.jsonl").read_text().splitlines()]
+    files = [write(tmp_path / f"m{i}.jsonl", [{"id": s["id"], "output": s["instances"][0]["output"][: 20 * i]}
+                                              for s in seeds]) for i in (1, 2, 3)]
+    r = run("evaluate", "--outputs", *files, "--out", tmp_path / "eval", "--limit", 50)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert m["rows"] == 50 and 0 < m["models"]["m1"]["rouge_l"] < m["models"]["m3"]["rouge_l"] <= 1
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path):
+    tasks, (f1, f2, f3) = hand_built(tmp_path)
+    no_gold = write(tmp_path / "nogold.jsonl", [{"id": "t0", "instruction": "x", "input": ""}])
+    other_ids = write(tmp_path / "other.jsonl", [{"id": f"u{k}", "output": "y"} for k in range(4)])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n\n")
+    cases = [
+        (("--tasks", no_gold, "--outputs", f1, f2, f3), "no gold 'output'"),
+        (("--tasks", tasks, "--outputs", f1, f2, other_ids), "ids do not match"),
+        (("--tasks", tasks, "--outputs", f1, f2), "at least 3 --outputs"),
+        (("--tasks", empty, "--outputs", f1, f2, f3), "empty file"),
+        (("--tasks", tasks, "--outputs", f1, f2, blank), "empty file"),
+        (("--tasks", tasks, "--outputs", f1, f2, tmp_path / "nope.jsonl"), "file not found"),
+        (("--tasks", tmp_path / "nope.jsonl", "--outputs", f1, f2, f3), "file not found"),
+        (("--tasks", tasks, "--outputs", f1, f2, f3, "--threshold", "1.5"), "--threshold"),
+        (("--tasks", tasks, "--outputs", f1, f2, f3, "--limit", "0"), "--limit"),
+        (("--tasks", tasks, f1, f2, f3), "after --outputs"),
+    ]
+    for args, msg in cases:
+        r = run("evaluate", *args, "--out", tmp_path / "eval")
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (msg, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    bad_rule = tmp_path / "bad.toml"
+    bad_rule.write_text('generator = "x"\nextra = ["y", "z"]\n[ensemble]\nrule = "best"\n')
+    r = run("evaluate", "--tasks", tasks, "--outputs", f1, f2, f3, "-c", bad_rule, "--out", tmp_path / "eval")
+    assert r.returncode == 2 and "ensemble.rule" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    big_quorum = tmp_path / "q.toml"
+    big_quorum.write_text('generator = "x"\nextra = ["y", "z"]\n[ensemble]\nquorum = 4\n')
+    r = run("evaluate", "--tasks", tasks, "--outputs", f1, f2, f3, "-c", big_quorum, "--out", tmp_path / "eval")
+    assert r.returncode == 2 and "quorum 4" in r.stderr
+
+
+def test_gold_rouge_equals_rouge_score():
+    rng = random.Random(5)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    gold = [random_text(rng) for _ in range(400)]
+    cands = [[g if rng.random() < 0.1 else " ".join(g.split()[: rng.randint(0, 12)]) + " " + random_text(rng, 0, 4)
+              for _ in range(3)] for g in gold]
+    R = gold_rouge(gold, cands)
+    for k, (g, c) in enumerate(zip(gold, cands)):
+        for m in range(3):
+            assert R[k, m] == scorer.score(g, c[m])["rougeL"].fmeasure, (g, c[m])
+
+
+def random_candidates(seed=0, rows=300, n=3):
+    rng = random.Random(seed)
+    gold, cands = [], []
+    for _ in range(rows):
+        g = random_text(rng, 1, 12)
+        row = [g if rng.random() < 0.15 else " ".join(w for w in g.split() if rng.random() < 0.7) + " " +
+               random_text(rng, 0, 5) for _ in range(n)]
+        gold.append(g)
+        cands.append(row)
+    return gold, cands
+
+
+@pytest.mark.parametrize("n", [3, 5])
+def test_sweep_is_monotone_and_nested(n):
+    gold, cands = random_candidates(1, n=n)
+    names = [f"m{i}" for i in range(n)]
+    result = measure(names, gold, cands)
+    for rule in rules.RULES:
+        kept = [p["kept_fraction"] for p in result["sweep"][rule]]
+        assert kept == sorted(kept, reverse=True), (rule, kept)  # thresholds rise, kept fraction falls
+        assert kept[0] > kept[-1]
+        s = rules.score(cands, rule)
+        masks = [rules.kept_mask(s, cands, t) for t in SWEEP]
+        for a, b in zip(masks, masks[1:]):
+            assert not (b & ~a).any()  # a higher threshold keeps a subset of the rows
+
+
+def test_rules_are_deterministic_and_paper_is_the_spec():
+    _, cands = random_candidates(2)
+    for rule in rules.RULES:
+        a, b = rules.score(cands, rule), rules.score(cands, rule, workers=1)
+        assert (a.pick == b.pick).all() and (a.confidence == b.confidence).all()
+        da, db = rules.select(cands, rule), rules.select([list(c) for c in cands], rule)
+        assert [(d.kept, d.winner, d.output) for d in da] == [(d.kept, d.winner, d.output) for d in db]
+    for t in (0.0, 0.01, 0.3, 0.6):  # the paper rule through the generic scoring = ensemble.ensemble
+        ref = ens.ensemble(cands, t)
+        got = rules.decisions(rules.score(cands, "paper"), cands, t, "rouge")
+        assert [(d.kept, d.winner, d.output) for d in ref] == [(d.kept, d.winner, d.output) for d in got]
+    assert rules.select(cands, "paper") == ens.ensemble(cands, 0.01)
+
+
+def test_same_metrics_twice(tmp_path):
+    tasks, files = hand_built(tmp_path)
+    outs = []
+    for k in range(2):
+        assert run("evaluate", "--tasks", tasks, "--outputs", *files, "--out", tmp_path / f"e{k}").returncode == 0
+        outs.append((tmp_path / f"e{k}" / "metrics.json").read_bytes())
+    assert outs[0] == outs[1]
+
+
+def test_weighted_vote_follows_the_reliable_model():
+    # On the common rows m0 agrees with both others, m1 and m2 not with each other: m0 is the most
+    # reliable. On the last row the medoid is m1's answer (summed agreement 1.07 against 1.02 for
+    # m0: the paper's pick), but m0's vote weighs most, so weighted picks m0's answer.
+    common = [["a b c d", "a b c x", "y z d"]] * 5
+    row = ["t q w s", "t r q", "v u t v q"]
+    s_paper, s_w = rules.score(common + [row], "paper"), rules.score(common + [row], "weighted")
+    assert s_w.weights[0] == max(s_w.weights)
+    assert s_paper.pick[-1] == 1 and s_w.pick[-1] == 0
+    # same keep decision as the paper rule
+    assert (rules.kept_mask(s_paper, common + [row], 0.01) == rules.kept_mask(s_w, common + [row], 0.01)).all()
+
+
+def test_quorum_survives_one_dissenting_model():
+    rows = [["the cat sat", "the cat sat down", "a cat sat", "the cat", "zzz"]] * 3
+    assert not any(d.kept for d in rules.select(rows, "paper"))  # one model vetoes the row
+    ds = rules.select(rows, "quorum")  # a majority (3 of 5) agrees
+    assert all(d.kept and d.winner != 4 for d in ds)
+    assert all(d.kept for d in rules.select(rows, "quorum", quorum=4))
+    assert not any(d.kept for d in rules.select(rows, "quorum", quorum=5))
+
+
+def test_similarities_and_config_names():
+    assert set(typing.get_args(EnsembleCfg.model_fields["rule"].annotation)) == set(rules.RULES)
+    norms = [["the cat sat", "the cat sat", "dog"], ["", "a", "a b"]]
+    for sim in ("rouge", "f1", "chrf"):
+        S = rules.similarity_matrices(norms, sim)
+        assert np.allclose(S, S.transpose(0, 2, 1)) and (np.diagonal(S, axis1=1, axis2=2) == 1).all()
+        assert S[0, 0, 1] == 1.0 and S[0, 0, 2] == 0.0 and S[1, 0, 1] == 0.0
+        assert ((S >= 0) & (S <= 1)).all()
+    assert rules.similarity_matrices([["a b c d", "a b x y", "q"]], "f1")[0, 0, 1] == 0.5
+
+
+def test_ensemble_command_takes_a_rule(tmp_path):
+    inst = write(tmp_path / "inst.jsonl", [{"id": f"t{k}", "instruction": f"task {k}", "input": "", "output": o}
+                                           for k, o in enumerate(M1)])
+    o2 = write(tmp_path / "m2.jsonl", [{"id": f"t{k}", "output": o} for k, o in enumerate(M2)])
+    o3 = write(tmp_path / "m3.jsonl", [{"id": f"t{k}", "output": o} for k, o in enumerate(M3)])
+    for rule, kept in (("paper", 2), ("weighted", 2), ("quorum", 3)):
+        r = run("ensemble", inst, o2, o3, "-o", tmp_path / "out.jsonl", "--rule", rule)
+        assert r.returncode == 0 and f"kept {kept} of 4" in r.stdout, (rule, r.stdout, r.stderr)
+    r = run("ensemble", inst, o2, o3, "-o", tmp_path / "out.jsonl", "--rule", "best")
+    assert r.returncode == 2 and "unknown rule" in r.stderr
