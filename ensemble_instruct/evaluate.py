@@ -27,22 +27,10 @@ SWEEP = (0.0, 0.01, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 
 # ---------------------------------------------------------------- inputs
 
 def read_user_jsonl(path: Path) -> list[dict]:
-    """A user's JSONL file. Unlike a stage file, a last line without its newline is data, not a
-    torn write: keep it. (Issue 13 gives read_jsonl a parameter for this; switch to it then.)"""
+    """A user's JSONL file: unlike a stage file, a last line without its newline is data."""
     if not path.is_file():
         raise UserError(f"{path}: file not found")
-    records = read_jsonl(path)
-    data = path.read_bytes()
-    tail = data[data.rfind(b"\n") + 1:]
-    if tail.strip():
-        n = data.count(b"\n") + 1
-        try:
-            rec = json.loads(tail)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UserError(f"{path}:{n}: not valid JSON") from None
-        if not isinstance(rec, dict):
-            raise UserError(f"{path}:{n}: expected a JSON object")
-        records.append(rec)
+    records = read_jsonl(path, "user")
     if not records:
         raise UserError(f"{path}: no records (empty file)")
     return records
@@ -189,7 +177,7 @@ def answer_with_models(run, tasks: list[dict], tasks_name: str, force: bool = Fa
     with stop_on_ctrl_c(run):
         for card, path in models:
             out = run.file(f"answers_{card.name}.jsonl")
-            done = {r["id"] for r in read_jsonl(out, repair=True)}
+            done = {r["id"] for r in run.read(out)}
             if all(t["id"] in done for t in tasks):
                 continue
             with loaded(run, card, path) as backend:
@@ -199,7 +187,7 @@ def answer_with_models(run, tasks: list[dict], tasks_name: str, force: bool = Fa
     for card, _ in models:
         # as in the ensemble stage: an answer that can never be kept (echo, loop) counts as empty
         table = {r["id"]: "" if r.get("reason") else r["output"]
-                 for r in read_jsonl(run.file(f"answers_{card.name}.jsonl"))}
+                 for r in run.read(run.file(f"answers_{card.name}.jsonl"))}
         cols.append([table[t["id"]] for t in tasks])
     return [c.name for c, _ in models], [list(x) for x in zip(*cols)]
 

@@ -70,6 +70,8 @@ def main() -> None:
         check = rundir.check_weights
 
         def slow(card, path):
+            if env.get("INJECT_OPENING_MARK"):  # tells the test the run is being opened now
+                Path(env["INJECT_OPENING_MARK"]).touch()
             time.sleep(float(env["INJECT_SLOW_OPEN"]))
             return check(card, path)
         rundir.check_weights = slow

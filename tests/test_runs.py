@@ -316,8 +316,11 @@ def test_ctrl_c_while_opening_a_run(tmp_path):
     out = tmp_path / "run"
     p = subprocess.Popen([sys.executable, str(INJECT), "generate", "-c", str(fakes.fake_setup(tmp_path)),
                           "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "INJECT_FAKE": "1", "INJECT_SLOW_OPEN": "20"})
-    time.sleep(1.5)  # imports done, checking the weights
+                         env={**os.environ, "INJECT_FAKE": "1", "INJECT_SLOW_OPEN": "20",
+                              "INJECT_OPENING_MARK": str(tmp_path / "opening")})
+    deadline = time.time() + 60
+    while not (tmp_path / "opening").exists() and time.time() < deadline:  # imports done, checking weights
+        time.sleep(0.05)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 132, err[-2000:]

@@ -107,7 +107,7 @@ class OpenAIBackend:
         path, field = self._tokenize
         if not path:
             return len(text) // 3 + 1
-        return len(self._request(0, path, {"model": self.card.model, field: text})["tokens"])
+        return len(self._request(0, path, {"model": self.card.model, field: text}, need="tokens")["tokens"])
 
     def generate(self, prompts: list[str], params: Decoding, seeds: list[int],
                  prefix: str | None = None) -> list[Completion]:  # servers cache prefixes themselves
@@ -154,15 +154,14 @@ class OpenAIBackend:
 
     def _complete(self, index: int, path: str, body: dict, chat: bool) -> Completion:
         try:
-            data = self._request(index, path, body)
+            data = self._request(index, path, body, need="choices")
         except _PromptTooLong:
             return too_long()
-        try:
-            choice = data["choices"][0]
-            text = (choice.get("message") or {}).get("content") if chat else choice.get("text")
-        except (KeyError, IndexError, TypeError, AttributeError):
-            raise BadResponse(f"{self.card.name}: the server answered {path} without a completion "
-                            f"(no 'choices' in {str(data)[:120]!r}); is it an OpenAI-compatible server?") from None
+        choice = data["choices"][0]
+        if not isinstance(choice, dict):
+            raise BadResponse(f"{self.card.name}: the server answered {path} with choices that are not objects; "
+                              "everything finished so far is saved")
+        text = (choice.get("message") or {}).get("content") if chat else choice.get("text")
         usage = data.get("usage") or {}
         if choice.get("finish_reason") == "length":
             finish = "length"
@@ -174,7 +173,7 @@ class OpenAIBackend:
             finish = "stop"
         return Completion(text or "", usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), finish)
 
-    def _request(self, index: int, path: str, body: dict) -> dict:
+    def _request(self, index: int, path: str, body: dict, need: str) -> dict:
         """Request `index` goes to server index % n; if that server is gone, to the next one that is
         not (the same model and seed: the same answer)."""
         urls = self.card.endpoints
@@ -183,7 +182,7 @@ class OpenAIBackend:
             if url in self.gone:
                 continue
             try:
-                return self._post(url, path, body)
+                return self._post(url, path, body, need)
             except _ServerGone:
                 with self._lock:
                     self.gone.add(url)
@@ -191,8 +190,10 @@ class OpenAIBackend:
                         "(its engine exited?); everything finished so far is saved: restart the server "
                         "and run the same command again")
 
-    def _post(self, url: str, path: str, body: dict) -> dict:
-        """POST with retries and backoff on timeouts, 429 and 5xx; a refused connection is final."""
+    def _post(self, url: str, path: str, body: dict, need: str) -> dict:
+        """POST with retries and backoff on timeouts, 429 and 5xx; a refused connection is final.
+        A 200 answer must be a JSON object with a non-empty list `need` (an HTML page from a proxy, a
+        server that is not OpenAI-compatible: one line, its own exit code)."""
         import httpx
 
         last = ""
@@ -216,10 +217,15 @@ class OpenAIBackend:
                 if r.status_code in (400, 413, 422) and any(w in text.lower() for w in _CONTEXT_WORDS):
                     raise _PromptTooLong(text)
                 raise UserError(f"{self.card.name}: the server at {url} answered HTTP {r.status_code}: {text}")
-            data = _json(r)
-            if data is None:
-                raise BadResponse(f"{self.card.name}: the server at {url} answered {path} with HTTP 200 but not "
-                                f"JSON ({' '.join(r.text[:80].split())!r}); is it an OpenAI-compatible server?")
+            try:
+                data = r.json()
+                what = f"JSON without {need!r}"
+            except ValueError:
+                data, what = None, "a body that is not JSON"
+            if not (isinstance(data, dict) and isinstance(data.get(need), list) and data[need]):
+                raise BadResponse(f"{self.card.name}: the server at {url} answered {path} with HTTP 200 but {what} "
+                                  f"({' '.join(r.text[:120].split())!r}); is base_url an OpenAI-compatible server? "
+                                  "Everything finished so far is saved")
             return data
         raise UserError(f"{self.card.name}: the server at {url} did not answer after "
                         f"{self.card.retries + 1} tries ({last}); everything finished so far is saved, "
