@@ -1,6 +1,7 @@
 """Aggregate generated tokens/s against a real vLLM server (`scripts/vllm.sh start`, SmolLM2-135M)
 at 1, 8 and 32 requests in flight: our openai backend vs raw concurrent HTTP requests (httpx, a
-thread pool) with the same bodies. Greedy, `ignore_eos`, 64 new tokens per request.
+thread pool) with the same bodies. Greedy, `ignore_eos`, 64 new tokens per request; each side
+runs twice, alternating, and the best of each is kept.
 
     python bench/bench_vllm.py [--prompts 32] [--max-tokens 64] [--levels 1 8 32]
 """
@@ -57,10 +58,14 @@ def main():
     print("in flight | raw httpx tok/s | ours tok/s | ratio")
     for level in args.levels:
         ps = prompts if level > 1 else prompts[:8]  # one at a time: 8 requests give the rate
-        rt, rd = raw(ps, args.max_tokens, level)
-        ot, od = ours(ps, args.max_tokens, level)
-        assert rt == ot == len(ps) * args.max_tokens, (rt, ot)
-        print(f"{level:>9} | {rt / rd:15.1f} | {ot / od:10.1f} | {(ot / od) / (rt / rd):.3f}")
+        # alternate, twice each, and keep the best: the server shares two cores with the client
+        runs_raw, runs_ours = [], []
+        for _ in range(2):
+            runs_raw.append(raw(ps, args.max_tokens, level))
+            runs_ours.append(ours(ps, args.max_tokens, level))
+        assert {t for t, _ in runs_raw} == {t for t, _ in runs_ours} == {len(ps) * args.max_tokens}
+        r, o = max(t / d for t, d in runs_raw), max(t / d for t, d in runs_ours)
+        print(f"{level:>9} | {r:15.1f} | {o:10.1f} | {o / r:.3f}")
 
 
 if __name__ == "__main__":
