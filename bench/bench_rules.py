@@ -7,7 +7,8 @@ writes answers_<model>.jsonl). For each combination and rule: the kept fraction,
 vs gold on the kept rows, and the best of the three models on the same rows. A rule "wins" a
 combination when its pick matches or beats that best single model on the rows it keeps.
 
-    python bench/bench_rules.py [--seed 1] [--answers runs/evaluate-seeds]
+    python bench/bench_rules.py [--seed 1] [--detail]
+    python bench/bench_rules.py --answers runs/evaluate-tiny --limit 60 --answers-only
 """
 import argparse
 import json
@@ -132,13 +133,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1, help="seed of the constructed models (rules were tuned on 0)")
     ap.add_argument("--threshold", type=float, default=0.01)
     ap.add_argument("--answers", type=Path, help="an evaluation directory with answers_<model>.jsonl")
+    ap.add_argument("--answers-only", action="store_true", help="skip the constructed models")
     ap.add_argument("--limit", type=int, help="first N tasks only")
     ap.add_argument("--detail", action="store_true", help="print every combination")
     a = ap.parse_args()
     tasks, _ = load_tasks(None)
     tasks = tasks[: a.limit] if a.limit else tasks
     gold = [t["output"] for t in tasks]
-    sets = [(f"constructed models (seed {a.seed})", construct(tasks, a.seed))]
+    sets = [] if a.answers_only else [(f"constructed models (seed {a.seed})", construct(tasks, a.seed))]
     if a.answers:
         sets.append((f"real answers in {a.answers}", read_answers(a.answers, tasks)))
     for title, models in sets:
