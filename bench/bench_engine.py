@@ -12,7 +12,6 @@
     python bench/bench_engine.py [--instances 16] [--prompts 16] [--max-tokens 128] [--skip-instances]
 """
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_generation import bare  # noqa: E402  (this folder is on sys.path when run as a script)
 from ensemble_instruct import templates  # noqa: E402
 from ensemble_instruct.backends import Decoding  # noqa: E402
 from ensemble_instruct.backends.llamacpp import LlamaCppBackend  # noqa: E402
@@ -55,22 +55,10 @@ def timed(b: LlamaCppBackend, prompts, params, seeds, prefix=None):
 
 
 def old_path(name: str, prompts, params, seeds):
-    """What the instance stage did before: the high-level Llama, reset, the whole prompt each time."""
-    import llama_cpp
-
+    """What the instance stage did before: the high-level Llama, reset, the whole prompt each time
+    (bench_generation's bare loop)."""
     card, path = load_card(name)
-    threads = os.cpu_count()  # as ours (Llama's default is half the cores)
-    llm = llama_cpp.Llama(model_path=str(resolve_weights(card, path)), n_ctx=card.context, n_threads=threads,
-                          n_threads_batch=threads, seed=0, verbose=False)
-    t0, tokens = time.perf_counter(), 0
-    for p, s in zip(prompts, seeds):
-        llm.reset()
-        out = llm.create_completion(p, max_tokens=params.max_tokens, temperature=params.temperature,
-                                    top_k=params.top_k, top_p=params.top_p, min_p=0.0, typical_p=1.0,
-                                    repeat_penalty=1.0, stop=list(params.stop), seed=s)
-        tokens += out["usage"]["completion_tokens"]
-    dt = time.perf_counter() - t0
-    llm.close()
+    tokens, dt = bare(resolve_weights(card, path), card, prompts, params, seeds)
     return dt, tokens
 
 
