@@ -240,28 +240,23 @@ def models_check(card: str = typer.Argument(..., help="Card path or name (e.g. s
     """Load a model, generate a few tokens, report load time, tokens/s and peak memory."""
     import time
 
-    from .backends import Decoding, load_backend, out_of_memory
+    from .backends import Decoding, load_backend, oom_as_error
     from .config import load_card
     from .runner import peak_rss_mb, peak_rss_reset
 
     c, path = load_card(card)
     peak_rss_reset()
     t0 = time.perf_counter()
-    during = "loading"
-    try:
+    with oom_as_error(c, path, "loading"):
         backend = load_backend(c, path)
-        load_s = time.perf_counter() - t0
-        t0, during = time.perf_counter(), "generating with"
-        try:
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    try:
+        with oom_as_error(c, path, "generating with"):
             out = backend.generate(["Once upon a time, in a small village by the sea,"], Decoding(max_tokens=32), [0])[0]
-            gen_s = time.perf_counter() - t0
-        finally:
-            backend.close()
-    except Exception as e:
-        oom = out_of_memory(c, path, during, e)
-        if oom is None:
-            raise
-        raise oom from None
+        gen_s = time.perf_counter() - t0
+    finally:
+        backend.close()
     typer.echo(f"{c.name}: loaded in {load_s:.1f} s, {out.completion_tokens} tokens in {gen_s:.1f} s "
                f"({out.completion_tokens / gen_s:.1f} tok/s), peak RSS {peak_rss_mb():.0f} MB")
     typer.echo(f"  -> {out.text.strip()[:200]!r}")

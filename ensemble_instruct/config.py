@@ -71,6 +71,10 @@ class ModelCard(Strict):
     gpu_layers: int = Field(-1, ge=-1)  # llama.cpp: -1 all, 0 none (CPU), N layers
     threads: int = Field(0, ge=0)  # CPU threads; 0 = all cores
     parallel: int = Field(1, ge=1)  # llama.cpp: sequences decoded together (one KV cache of `context` each)
+    # llama.cpp: requests scheduled together (continuous batching inside, fixed boundaries; default
+    # 4 x parallel); a killed run redoes at most one window
+    window: Optional[int] = Field(None, ge=1)
+    kv: Literal["split", "unified"] = "split"  # llama.cpp KV layout (backends/llamacpp.py)
     batch_size: int = Field(1, ge=1)  # transformers: prompts per generate() call
     # extra-output stage, for this model: its own prompt template (a file in the templates folder;
     # a base model needs a cue to answer) and stop strings added to [outputs] stop
@@ -216,7 +220,7 @@ def load_config(path: str | Path) -> Config:
 _SHARED = {"name", "backend", "description", "license", "memory_gb", "context", "prompt_format",
            "output_template", "output_stop"}
 BACKEND_KEYS = {
-    "llama_cpp": _SHARED | {"source", "quantization", "gpu_layers", "threads", "parallel"},
+    "llama_cpp": _SHARED | {"source", "quantization", "gpu_layers", "threads", "parallel", "window", "kv"},
     "transformers": _SHARED | {"source", "quantization", "dtype", "batch_size"},
     "openai": _SHARED | {"base_url", "base_urls", "model", "api_key_env", "extra_body", "concurrency", "timeout_s", "retries"},
 }

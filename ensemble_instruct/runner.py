@@ -1,9 +1,9 @@
 """What every generation stage shares: one model loaded at a time, metering, progress with an
 ETA, Ctrl-C, and the batched-request loop that makes a killed run resume without gaps.
 
-Requests go in batches with fixed boundaries (index // batch size), whatever was done before a
-stop, and each batch is appended with one write: results that depend on batch composition
-(batched decoding) come out the same on a rerun and on a resume.
+Requests go to the backend in windows with fixed boundaries (index // window), whatever was done
+before a stop, and each window is appended with one write: results that depend on the other
+requests of their window (batched decoding) come out the same on a rerun and on a resume.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from .backends import Backend, Completion, Decoding, load_backend, out_of_memory
+from .backends import Backend, Completion, Decoding, load_backend, oom_as_error
 from .config import ModelCard
 from .errors import Interrupted, StopNow
 from .rundir import Run
@@ -46,21 +46,12 @@ def loaded(run: Run, card: ModelCard, path: Path):
     peak_rss_reset()
     t0 = time.perf_counter()
     run.manifest["events"].append({"event": "load", "model": card.name, "time": time.time()})
-    try:
+    with oom_as_error(card, path, "loading"):
         backend = load_backend(card, path)
-    except Exception as e:
-        oom = out_of_memory(card, path, "loading", e)
-        if oom is None:
-            raise
-        raise oom from None
     load_s = time.perf_counter() - t0
-    try:
-        yield backend
-    except Exception as e:  # finished batches are on disk already; the one that failed is redone on resume
-        oom = out_of_memory(card, path, "generating with", e)
-        if oom is None:
-            raise
-        raise oom from None
+    try:  # finished windows are on disk already; the one that failed is redone on resume
+        with oom_as_error(card, path, "generating with"):
+            yield backend
     finally:
         backend.close()
         run.manifest["events"].append({"event": "free", "model": card.name, "time": time.time(),
@@ -128,14 +119,14 @@ def check_stop(run: Run, where: str) -> None:
 
 @contextmanager
 def stop_on_ctrl_c(run: Run):
-    """First Ctrl-C: finish the current batch, then stop. Second: stop at once (the batch in
+    """First Ctrl-C: finish the current window, then stop. Second: stop at once (the window in
     progress is lost and generated again on resume; everything appended before stays)."""
     def handler(signum, frame):
         if run.stop_requested:
             raise StopNow(f"stopped at once; every finished batch is on disk in {run.dir}. "
                           f"Resume with: python run.py generate --out {run.dir}")
         run.stop_requested = True
-        print("\nstopping after the current batch (Ctrl-C again to stop at once)...", file=sys.stderr)
+        print("\nstopping after the current window (Ctrl-C again to stop at once)...", file=sys.stderr)
     old = signal.signal(signal.SIGINT, handler)
     try:
         yield
@@ -153,35 +144,32 @@ def run_batches(run: Run, backend: Backend, *, key: str, where: str, path: Path,
     """Generate one record per item of `todo` (each has an `id`) into `path`, skipping ids on disk.
 
     request(index, item) -> (prompt, seed); record(item, seed, completion) -> the JSONL record.
-    Local backends go batch by batch with fixed boundaries (batched decoding depends on them); a
-    backend with `stream` (a server) keeps a window of requests in flight across the whole stage.
+    Windows of `backend.window` items at fixed boundaries: a window with any id missing on disk
+    is generated again whole (its results depend on each other) and only what is missing is
+    appended, with one write per window. The backend gets every such window in one stream, so it
+    never waits at a window boundary for the writes.
     """
     done = done_ids(run, path)
+    w = backend.window
+    starts = [s for s in range(0, len(todo), w) if any(it["id"] not in done for it in todo[s:s + w])]
+    pending = [(i, todo[i]) for s in starts for i in range(s, min(s + w, len(todo)))]
+    reqs = [request(i, it) for i, it in pending]
     with Meter(run, key, backend.card.name) as meter, \
             progress_bar(key.replace("_", " "), len(todo), sum(it["id"] in done for it in todo)) as advance:
-        if hasattr(backend, "stream"):  # a server: a sliding window of requests, each record appended when ready
-            left = [(k, it) for k, it in enumerate(todo) if it["id"] not in done]
-            reqs = [request(k, it) for k, it in left]
-            completions = backend.stream([p for p, _ in reqs], params, [s for _, s in reqs])
-            try:
-                for (_, it), (_, seed), c in zip(left, reqs, completions):
-                    meter.add([c])
-                    append_jsonl(path, [record(it, seed, c)])
-                    advance(1, [c])
-                    check_stop(run, where)
-            finally:
-                completions.close()  # a stop or an error: cancel what was not sent
+        if not pending:
             return
-        size = backend.batch_size
-        for start in range(0, len(todo), size):
-            batch = todo[start:start + size]
-            if all(it["id"] in done for it in batch):
-                continue
-            check_stop(run, where)
-            prompts, seeds = zip(*(request(start + k, it) for k, it in enumerate(batch)))
-            completions = backend.generate(list(prompts), params, list(seeds), prefix=prefix)
-            meter.add(completions)
-            # A torn batch keeps its head on disk: append only what is missing.
-            records = [record(it, s, c) for it, s, c in zip(batch, seeds, completions) if it["id"] not in done]
-            append_jsonl(path, records)
-            advance(len(records), completions)
+        check_stop(run, where)
+        completions = backend.stream([p for p, _ in reqs], params, [s for _, s in reqs], prefix=prefix)
+        window = []
+        try:
+            for (i, it), (_, seed), c in zip(pending, reqs, completions):
+                meter.add([c])
+                window.append((it, seed, c))
+                if (i + 1) % w == 0 or i + 1 == len(todo):  # the window's last request
+                    records = [record(it, s, c) for it, s, c in window if it["id"] not in done]
+                    append_jsonl(path, records)
+                    advance(len(records), [c for _, _, c in window])
+                    window = []
+                    check_stop(run, where)
+        finally:
+            completions.close()  # a stop or an error: the backend drops the window in progress

@@ -8,7 +8,7 @@ import re
 import time
 from pathlib import Path
 
-from ensemble_instruct.backends import Completion, trim_at_stop
+from ensemble_instruct.backends import Backend, Completion, trim_at_stop
 
 WORDS = ("list the three main reasons people enjoy quiet mornings near rivers with friends and "
          "explain which small habits help students remember new vocabulary during long summer "
@@ -25,15 +25,19 @@ def answer_for(instruction: str) -> str:
     return "answer " + " ".join(instruction.lower().split()[:3])
 
 
-class FakeBackend:
+class FakeBackend(Backend):
     """Instruction prompts get a new instruction, instance prompts an input and output, output
     prompts an answer; all drawn from (seed, prompt), so a seed changes the run, a rerun does not."""
 
-    def __init__(self, card, batch_size: int = 2, delay: float = 0.0, oom_after: int | None = None):
-        self.card, self.batch_size, self.delay, self.oom_after, self.calls = card, batch_size, delay, oom_after, 0
+    def __init__(self, card, window: int = 2, delay: float = 0.0, oom_after: int | None = None):
+        self.card, self.window, self.delay, self.oom_after, self.calls = card, window, delay, oom_after, 0
 
     def count_tokens(self, text: str) -> int:
         return len(text.split())
+
+    def stream(self, prompts, params, seeds, prefix=None):
+        for i in range(0, len(prompts), self.window):  # one (scripted) window at a time
+            yield from self.generate(prompts[i:i + self.window], params, seeds[i:i + self.window], prefix)
 
     def generate(self, prompts, params, seeds, prefix=None):
         self.calls += 1

@@ -4,6 +4,8 @@
 
 INJECT_KILL_AT=torn:FILE   write half of the next batch appended to FILE, then SIGKILL (a power cut)
 INJECT_KILL_AT=after:FILE  SIGKILL right after FILE is rewritten
+INJECT_KILL_AT=mid:KEY:N   SIGKILL inside a window of stage KEY (e.g. instances_A): when the llama.cpp
+                           backend has finished N + 1 requests of a window and handed over N
 INJECT_FAKE=1              fake models (tests/fakes.py) instead of the real backends
 INJECT_DELAY=S             ... that take S seconds per batch
 INJECT_OOM_AFTER=N|load    ... that run out of memory after N batches, or while loading
@@ -41,12 +43,35 @@ def _kill_hooks(spec: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
     # The stages import these names when the CLI first runs them, which is after this patch.
-    if event == "torn":
+    if event == "mid":
+        _kill_mid_window(*name.rsplit(":", 1))
+    elif event == "torn":
         store.append_jsonl = torn_append
     elif event == "after":
         store.write_jsonl = write_then_die
     else:
         raise SystemExit(f"unknown INJECT_KILL_AT event {event!r}")
+
+
+def _kill_mid_window(key: str, n: str) -> None:
+    from ensemble_instruct import runner
+    from ensemble_instruct.backends.llamacpp import LlamaCppBackend
+
+    stage = {}
+    meter_init, stream = runner.Meter.__init__, LlamaCppBackend.stream
+
+    def note_stage(self, run, k, model):  # every stage opens a Meter first
+        stage["key"] = k
+        meter_init(self, run, k, model)
+
+    def killing_stream(self, *args, **kwargs):
+        for i, completion in enumerate(stream(self, *args, **kwargs)):
+            if stage.get("key") == key and i == int(n):
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield completion
+
+    runner.Meter.__init__ = note_stage
+    LlamaCppBackend.stream = killing_stream
 
 
 def main() -> None:

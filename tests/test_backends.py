@@ -206,16 +206,23 @@ def test_prefix_reuse_and_batches_are_byte_identical(name):
     assert all(c.prompt_tokens > 700 for c in first) and sum(bool(c.text.strip()) for c in first) >= 3
 
 
-def test_parallel_sequences_equal_one_at_a_time_for_smollm(smollm):
-    """SmolLM2 happens to give the same bytes batched and alone (Gemma does not: batch boundaries
-    are fixed by the pipeline for that reason); either way each sequence keeps its own seed."""
+def test_a_window_depends_on_its_own_requests_only(smollm):
+    """Continuous batching: a request's text may depend on the other requests of its window (they
+    share decoding calls), never on requests outside it; the same window gives the same bytes;
+    each sequence keeps its own seed."""
+    from ensemble_instruct.backends.llamacpp import LlamaCppBackend
+    from ensemble_instruct.config import resolve_weights
+
+    card, path = load_card("smollm2-135m")
+    b = LlamaCppBackend(card.model_copy(update={"parallel": 2, "window": 3}), resolve_weights(card, path))
     p = Decoding(max_tokens=20, temperature=0.7, top_k=50, top_p=1.0)
-    prompts = [PROMPT, "Name a red fruit.\n", PROMPT, "The capital of France is"]
-    together = smollm.generate(prompts, p, [1, 2, 3, 4])
-    alone = [smollm.generate([q], p, [s])[0] for q, s in zip(prompts, [1, 2, 3, 4])]
-    assert [c.text for c in together] == [c.text for c in alone]
+    first = [PROMPT, "Name a red fruit.\n", PROMPT]
+    together = b.generate(first + ["The capital of France is", "Once upon a time"], p, [1, 2, 3, 4, 5])
+    alone = b.generate(first, p, [1, 2, 3])  # the same window, without the next one
+    b.close()
+    assert [c.text for c in together[:3]] == [c.text for c in alone]
     assert together[0].text != together[2].text  # same prompt, other seed
-    assert smollm.parallel == 16 and smollm.batch_size == 16
+    assert smollm.parallel == 16 and smollm.window == 64  # the card's default: 4 x parallel
 
 
 def test_card_parallel_is_part_of_the_run_fingerprint(tmp_path):

@@ -138,7 +138,7 @@ class ThreeAtOnce(fakes.FakeBackend):
 
 def test_items_beyond_the_target_are_marked_over_target(tmp_path, monkeypatch):
     run = opened(tmp_path, monkeypatch)  # target A = 2
-    instructions.run_stage(run, ThreeAtOnce(run.generator[0], batch_size=1), "A")
+    instructions.run_stage(run, ThreeAtOnce(run.generator[0], window=1), "A")
     recs = [json.loads(l) for l in run.file("instructions_A.jsonl").open()]
     assert len(recs) == 1  # one request was enough
     assert [(it["status"], it["reason"]) for it in recs[0]["items"]] == [

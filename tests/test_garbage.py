@@ -3,7 +3,7 @@ import json
 
 import fakes
 from ensemble_instruct import rundir
-from ensemble_instruct.backends import Completion
+from ensemble_instruct.backends import Backend, Completion
 from ensemble_instruct.report import funnel
 from ensemble_instruct.stages import ensemble, instances, instructions, outputs
 
@@ -11,8 +11,8 @@ GARBAGE = ["", "   ", "the same words " * 200, "bytes \ufffd\ufffd that were not
            "|EoS||EoS|", "\n\n\n", "1.\n2.\n3.", "Write a program to do it all |EoS|", "ok " * 400]
 
 
-class GarbageModel:
-    batch_size = 3
+class GarbageModel(Backend):
+    window = 3
 
     def __init__(self, card):
         self.card = card
@@ -20,6 +20,9 @@ class GarbageModel:
 
     def count_tokens(self, text):
         return len(text) // 4
+
+    def stream(self, prompts, params, seeds, prefix=None):
+        yield from self.generate(prompts, params, seeds, prefix)  # the scripted answers ignore windows
 
     def generate(self, prompts, params, seeds, prefix=None):
         out = []

@@ -143,3 +143,38 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path):
     assert "Resume with: python run.py generate --out" in err and "Traceback" not in err
     assert not (out / "dataset.jsonl").exists()
     assert lines(out / "instructions_A.jsonl")  # what was done is on disk
+
+
+@pytest.fixture(scope="module")
+def refill_run(tmp_path_factory):
+    """The CI preset with a generator that decodes 2 sequences in windows of 3 requests: slots are
+    refilled inside a window (the CI stages are too small to refill 16 slots). One reference run."""
+    d = tmp_path_factory.mktemp("refill")
+    card = (ROOT / "quantized" / "smollm2-135m.toml").read_text()
+    (d / "smollm2-p2.toml").write_text(card.replace('name = "smollm2-135m"', 'name = "smollm2-135m-p2"')
+                                       .replace("parallel = 16", "parallel = 2\nwindow = 3"))
+    cfg = CI.read_text().replace('generator = "quantized/smollm2-135m.toml"', 'generator = "smollm2-p2.toml"')
+    assert "smollm2-p2.toml" in cfg
+    (d / "ci-p2.toml").write_text(cfg)
+    r = run_generate(d / "ref", config=d / "ci-p2.toml")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return d / "ci-p2.toml", d / "ref"
+
+
+@pytest.mark.parametrize("key", ["instructions_A", "instances_A"])
+def test_sigkill_inside_a_window_then_resume(refill_run, tmp_path, key):
+    """Killed while a window is being decoded (a request done, others still in their slots): the
+    window was not written, the resume decodes it again whole, and every file equals the
+    uninterrupted run's."""
+    config, ref = refill_run
+    out = tmp_path / "run"
+    r = run_generate(out, env={"INJECT_KILL_AT": f"mid:{key}:1"}, config=config)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert _count(out / f"{key}.jsonl") == 0  # the first window of the stage: nothing of it on disk
+    assert not (out / "dataset.jsonl").exists()
+    r = generate(out, config=config)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in STAGE_FILES:
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+    reqs = lines(ref / "instances_A.jsonl")
+    assert len(reqs) == 3  # one window of 3 requests on 2 slots: one slot was refilled

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Iterator
 
 from ..config import ModelCard
 from ..errors import OutOfMemory, UserError
@@ -25,6 +26,7 @@ class Decoding:
     # End a completion early once it is a repetition loop (parsing.repetitive, checked from
     # LOOP_MIN tokens on): it would be dropped anyway, and a loop otherwise runs to max_tokens.
     stop_loops: bool = False
+    ignore_eos: bool = False  # benchmarks only: never sample the end-of-text token
 
 
 LOOP_MIN, LOOP_EVERY = 192, 32
@@ -44,16 +46,30 @@ def too_long(n_prompt: int = 0) -> Completion:
     return Completion("", n_prompt, 0, "prompt_too_long")
 
 
-class Backend(Protocol):
+class Backend:
+    """What every backend provides. `window`: how many requests it schedules together. Requests go
+    in windows of that many, from the start of the list it is given; a request's result may depend
+    on the other requests of its window (batched decoding), never on anything outside it, so a
+    caller that keeps window boundaries fixed gets the same bytes on a rerun and on a resume."""
     card: ModelCard
-    batch_size: int
+    window: int
+
+    def stream(self, prompts: list[str], params: Decoding, seeds: list[int],
+               prefix: str | None = None) -> Iterator[Completion]:
+        """One completion per prompt, in prompt order, each as soon as it and every one before it
+        are done. `prefix` is a text every prompt starts with (a fixed few-shot prefix): a backend
+        may compute it once and reuse it; results are the same. Closing the iterator stops the work."""
+        raise NotImplementedError
 
     def generate(self, prompts: list[str], params: Decoding, seeds: list[int],
                  prefix: str | None = None) -> list[Completion]:
-        """One completion per prompt, in order. `prefix` is a text every prompt starts with (a
-        fixed few-shot prefix): a backend may compute it once and reuse it; results are the same."""
-    def count_tokens(self, text: str) -> int: ...
-    def close(self) -> None: ...
+        return list(self.stream(prompts, params, seeds, prefix))
+
+    def count_tokens(self, text: str) -> int:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
 
 
 _MODULES = {"llama_cpp": ("llamacpp", "llama"), "transformers": ("hf", "hf"), "openai": ("openai_server", "server")}
@@ -96,6 +112,18 @@ def out_of_memory(card: ModelCard, card_path: Path, during: str, e: BaseExceptio
     return OutOfMemory(f"{card_path}: out of memory while {during} {card.name} ({detail}); everything finished "
                        f"so far is saved. Lower the card's settings ({_LOWER[card.backend]}) and run the same "
                        "command again (with --force: the card changed)")
+
+
+@contextmanager
+def oom_as_error(card: ModelCard, card_path: Path, during: str):
+    """Inside this block, running out of memory is an OutOfMemory error naming the card."""
+    try:
+        yield
+    except Exception as e:
+        oom = out_of_memory(card, card_path, during, e)
+        if oom is None:
+            raise
+        raise oom from None
 
 
 def stop_at(text, stops) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..config import CACHE, ModelCard, resolve_weights
 from ..errors import UserError
-from . import Completion, Decoding, stop_at, too_long, trim_at_stop
+from . import Backend, Completion, Decoding, stop_at, too_long, trim_at_stop
 
 
 def _gguf_to_safetensors(card: ModelCard, gguf: Path) -> Path:
@@ -64,7 +64,7 @@ def _stop_strings(tok, stops, start: int):
     return StoppingCriteriaList([StopStrings()])
 
 
-class HFBackend:
+class HFBackend(Backend):
     def __init__(self, card: ModelCard, path: Path):
         import logging
 
@@ -77,7 +77,7 @@ class HFBackend:
         transformers.utils.logging.disable_progress_bar()
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
         self.card, self.torch = card, torch
-        self.batch_size = card.batch_size
+        self.window = card.batch_size  # one generate() call per window: static batches
         if path.is_file():
             if path.suffix != ".gguf":
                 raise UserError(f"{path}: transformers needs a model directory or a .gguf file")
@@ -124,10 +124,14 @@ class HFBackend:
                                                 add_generation_prompt=True)
         return prompt
 
-    def generate(self, prompts: list[str], params: Decoding, seeds: list[int],
-                 prefix: str | None = None) -> list[Completion]:
-        """One batch. Callers fix batch boundaries; here prompts are sorted by length so padding
-        stays small, and results come back in the callers' order. `prefix` is not reused here."""
+    def stream(self, prompts: list[str], params: Decoding, seeds: list[int],
+               prefix: str | None = None):
+        for i in range(0, len(prompts), self.window):
+            yield from self._batch(prompts[i:i + self.window], params, seeds[i:i + self.window])
+
+    def _batch(self, prompts: list[str], params: Decoding, seeds: list[int]) -> list[Completion]:
+        """One window. Prompts are sorted by length so padding stays small, and results come back
+        in the callers' order. A fixed prefix is not reused here."""
         texts = [self._format(p) for p in prompts]
         special = self.card.prompt_format != "chat"
         n_prompt = [len(ids) for ids in self.tok(texts, add_special_tokens=special)["input_ids"]]

@@ -1,28 +1,46 @@
 """llama.cpp through llama-cpp-python's low-level API: GGUF files on CPU, GPU, or split between them.
 
-Two things the high-level `Llama` class cannot do, and that make generation several times faster:
-- **Prefix reuse.** A prompt that starts with a fixed few-shot prefix copies that prefix's KV state
-  (computed once per model load, kept in its own sequence slot) instead of evaluating it again.
-- **Batched decoding.** Up to `parallel` sequences (card setting) are decoded together, each with
-  its own seeded sampler.
+What the high-level `Llama` class cannot do, and what makes generation several times faster:
+- **Prefix reuse.** A prompt that starts with a fixed few-shot prefix starts from that prefix's KV
+  state (computed once per model load, kept in its own sequence) instead of evaluating it again.
+- **Continuous batching in windows.** Requests come in windows of `window` (fixed boundaries, set
+  by the caller). A window's requests are decoded with `parallel` slots; when a sequence ends, the
+  next request of the window takes its slot at once, and its prompt is evaluated in the same
+  `llama_decode` call as the other slots' next tokens. So slots stay busy until the window's last
+  requests, and the schedule (which tokens share a call) is a pure function of the window's
+  requests: a rerun, or a resume that redoes the window, gives the same bytes.
+
+Two KV layouts (card setting `kv`):
+- "unified": one KV stream for all sequences; the prefix is stored once and shared by every slot
+  (`llama_memory_seq_cp` adds the slot to the prefix cells), and a call may mix any slots' tokens in
+  one pass over the weights. Attention scans every used cell, all slots' included.
+- "split": one stream per sequence (the prefix is copied into each); attention scans only a
+  sequence's own cells, but llama.cpp puts only consecutive sequence ids with equal token counts
+  into one pass, so a slot's prompt is a pass of its own.
 
 Determinism (see the project's measured notes): weights are loaded without llama.cpp's CPU
-"repack" kernels and flash attention is off, so a token's KV values do not depend on how many
-tokens an evaluation holds: reuse on and off give the same bytes. Which sequences share a decoding
-step can change results, so the caller fixes batch boundaries; prompts are evaluated one sequence
-at a time and every step decodes all unfinished sequences of the batch.
+"repack" kernels and flash attention is off. Which tokens share a call and which KV cells a
+sequence uses can change results in the last bits, so every window starts from the same cache
+state (only the prefix, in the cells a fresh load puts it in) and runs the same schedule.
 """
 from __future__ import annotations
 
 import ctypes
 import gc
 import os
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from ..config import ModelCard, check_gguf, resolve_weights
 from ..errors import OutOfMemory, UserError
 from ..parsing import repetitive
-from . import LOOP_EVERY, LOOP_MIN, Completion, Decoding, stop_at, too_long
+from . import LOOP_EVERY, LOOP_MIN, Backend, Completion, Decoding, stop_at, too_long
+
+N_UBATCH = 512  # tokens per pass over the weights (llama.cpp's micro-batch)
+N_BATCH = 2048  # tokens per llama_decode call; a larger step is split into several calls
+PIECE_BYTES = 64  # first guess of a token's text length; a longer one is asked for again
 
 
 def _silence(llama_cpp) -> None:
@@ -34,7 +52,29 @@ def _silence(llama_cpp) -> None:
     llama_cpp.llama_log_set(quiet, ctypes.c_void_p(0))
 
 
-class LlamaCppBackend:
+@dataclass
+class Slot:
+    """One request being decoded in one sequence slot."""
+    seq: int  # llama.cpp sequence id (with split streams, also its KV stream)
+    index: int  # the request's place in the window
+    tokens: list[int]  # the prompt
+    sampler: object
+    limit: int  # new tokens allowed
+    n_past: int = 0  # positions already in the KV cache
+    text: bytearray = field(default_factory=bytearray)
+    n_gen: int = 0
+    token: int = -1  # sampled, not yet evaluated
+
+    def pending(self) -> list[tuple[int, int, int, bool]]:
+        """What this slot adds to the next call: the rest of its prompt (logits for the last token
+        only), or the token it sampled last."""
+        if self.n_past < len(self.tokens):
+            last = len(self.tokens) - 1
+            return [(self.tokens[p], p, self.seq, p == last) for p in range(self.n_past, len(self.tokens))]
+        return [(self.token, self.n_past, self.seq, True)]
+
+
+class LlamaCppBackend(Backend):
     def __init__(self, card: ModelCard, path: Path, reuse_prefix: bool = True):
         import llama_cpp
 
@@ -43,7 +83,7 @@ class LlamaCppBackend:
         _silence(llama_cpp)
         llama_cpp.llama_backend_init()
         self.parallel = card.parallel
-        self.batch_size = card.parallel  # the pipeline's batches = the sequences decoded together
+        self.window = card.window or 4 * card.parallel
         threads = int(os.environ.get("ENSEMBLE_INSTRUCT_THREADS", 0)) or card.threads or os.cpu_count() or 1
 
         mp = llama_cpp.llama_model_default_params()
@@ -53,34 +93,43 @@ class LlamaCppBackend:
         if not self.model:  # a broken file, or no room for the layers sent to the GPU
             raise UserError(f"{path}: llama.cpp could not load the model (if the GPU is full: "
                             f"fewer gpu_layers than {card.gpu_layers} on the card)")
-        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.ctx = self.batch = None
+        try:
+            self._init_context(card, path, threads)
+        except BaseException:
+            self.close()
+            raise
 
-        cp = llama_cpp.llama_context_default_params()
-        self.n_seq = self.parallel + 1  # the last slot holds the cached prefix
-        cp.n_ctx = card.context * self.n_seq  # split evenly: each sequence gets card.context
-        cp.n_batch = cp.n_ubatch = 512
-        cp.n_seq_max = self.n_seq
+    def _init_context(self, card: ModelCard, path: Path, threads: int) -> None:
+        L = self.L
+        self.vocab = L.llama_model_get_vocab(self.model)
+        self._chat_template = L.llama_model_chat_template(self.model, None) if card.prompt_format == "chat" else None
+        if card.prompt_format == "chat" and not self._chat_template:
+            raise UserError(f"{path}: the card asks for the chat format, but the GGUF has no chat template")
+        # A sliding-window model (Gemma 3) in a unified cache: llama.cpp reuses cells that fell out
+        # of the window, so where a window's tokens land would depend on earlier windows.
+        self.layout = "split" if L.llama_model_n_swa(self.model) > 0 else card.kv
+        self.prefix_seq = self.parallel  # the sequence that holds the cached prefix
+        n_seq = self.parallel + 1
+        cp = L.llama_context_default_params()
+        cp.n_ctx = card.context * n_seq  # split: each sequence gets card.context
+        cp.n_batch, cp.n_ubatch = N_BATCH, N_UBATCH
+        cp.n_seq_max = n_seq
         cp.n_threads = cp.n_threads_batch = threads
-        cp.kv_unified = False  # one KV stream per sequence: faster when they share little
-        cp.swa_full = True  # sliding-window models (Gemma 3): keep every position, so a prefix can be copied
-        cp.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED  # bitwise-equal reuse needs it off
+        cp.kv_unified = self.layout == "unified"
+        cp.swa_full = True  # sliding-window models: keep every position, so a prefix can be copied
+        cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED  # bitwise-equal reuse needs it off
         cp.no_perf = True
-        self.ctx = llama_cpp.llama_init_from_model(self.model, cp)
+        self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
-            llama_cpp.llama_model_free(self.model)
             raise OutOfMemory(f"{card.name}: out of memory while loading: llama.cpp could not create a context of "
                               f"{cp.n_ctx} tokens ({self.parallel} parallel sequences x {card.context}); lower "
                               "parallel, context or gpu_layers on the card")
-        self.n_ctx_seq = llama_cpp.llama_n_ctx_seq(self.ctx)
-        self.mem = llama_cpp.llama_get_memory(self.ctx)
-        self.batch = llama_cpp.llama_batch_init(max(512, self.n_seq), 0, 1)
-        self.add_bos = llama_cpp.llama_vocab_get_add_bos(self.vocab)
-        self.prefix_tokens: list[int] = []  # what the prefix slot holds
-        self._piece = ctypes.create_string_buffer(256)
-        self._chat_template = llama_cpp.llama_model_chat_template(self.model, None) \
-            if card.prompt_format == "chat" else None
-        if card.prompt_format == "chat" and not self._chat_template:
-            raise UserError(f"{path}: the card asks for the chat format, but the GGUF has no chat template")
+        self.mem = L.llama_get_memory(self.ctx)
+        self.batch = L.llama_batch_init(N_BATCH, 0, 1)
+        self.add_bos = L.llama_vocab_get_add_bos(self.vocab)
+        self.prefix_tokens: list[int] = []  # what the prefix sequence holds
+        self._piece = ctypes.create_string_buffer(PIECE_BYTES)
 
     # ------------------------------------------------------------ text <-> tokens
 
@@ -97,8 +146,11 @@ class LlamaCppBackend:
         return len(self.tokenize(text))
 
     def piece(self, token: int) -> bytes:
-        # Only the length llama.cpp returns is the piece; the rest of the buffer is padding.
+        # Only the length llama.cpp returns is the piece; a negative length is the size it needs.
         n = self.L.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
+        if n < 0:
+            self._piece = ctypes.create_string_buffer(-n)
+            n = self.L.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
         return self._piece.raw[:n] if n > 0 else b""
 
     def _format(self, prompt: str) -> str:
@@ -131,29 +183,29 @@ class LlamaCppBackend:
                         "out of memory? lower parallel, context or gpu_layers on the card; everything finished "
                         "so far is saved")
 
-    def _prefill(self, seq: int, tokens: list[int], start: int) -> None:
-        """Evaluate tokens[start:] into `seq`, in chunks; logits only for the last token."""
-        for i in range(start, len(tokens), 512):
-            chunk = range(i, min(i + 512, len(tokens)))
-            self._decode([(tokens[p], p, seq, p == len(tokens) - 1) for p in chunk])
-
     def _use_prefix(self, prefix_tokens: list[int]) -> None:
-        """Make the prefix slot hold exactly prefix_tokens, reusing what it already holds."""
-        slot, have = self.parallel, self.prefix_tokens
+        """Make the prefix sequence hold exactly prefix_tokens, reusing what it already holds."""
+        seq, have = self.prefix_seq, self.prefix_tokens
         common = 0
         for a, b in zip(have, prefix_tokens):
             if a != b:
                 break
             common += 1
-        self.L.llama_memory_seq_rm(self.mem, slot, common, -1)
+        self.L.llama_memory_seq_rm(self.mem, seq, common, -1)
         self.prefix_tokens = have[:common]
-        if common < len(prefix_tokens):
-            self._prefill(slot, prefix_tokens, common)
-            self.prefix_tokens = list(prefix_tokens)
+        for i in range(common, len(prefix_tokens), N_UBATCH):
+            end = min(i + N_UBATCH, len(prefix_tokens))
+            self._decode([(prefix_tokens[p], p, seq, False) for p in range(i, end)])
+        self.prefix_tokens = list(prefix_tokens)
 
     def _sampler(self, params: Decoding, seed: int):
         L = self.L
         chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        if params.ignore_eos:  # benchmarks: every sequence runs to max_tokens
+            eog = [t for t in range(L.llama_vocab_n_tokens(self.vocab)) if L.llama_vocab_is_eog(self.vocab, t)]
+            bias = (L.llama_logit_bias * len(eog))(*(L.llama_logit_bias(t, float("-inf")) for t in eog))
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_logit_bias(
+                L.llama_vocab_n_tokens(self.vocab), len(eog), bias))
         if params.temperature <= 0:
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
         else:  # llama.cpp's order: top-k, top-p, temperature, then draw with this request's seed
@@ -165,95 +217,126 @@ class LlamaCppBackend:
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         return chain
 
+    def _shared_prefix(self, prefix: str | None, prompts: list[list[int]]) -> int:
+        """Load the common *token* prefix of `prefix` and every prompt into the prefix sequence;
+        return its length. (A prefix tokenized alone can end differently than inside a prompt:
+        its trailing spaces and new lines merge with what follows.)
+
+        Without reuse (the test that reuse changes nothing) the cached prefix is dropped first:
+        with split streams every sequence then evaluates its whole prompt; in a unified cache,
+        where the prefix cells are shared by construction, the window computes them anew."""
+        if not self.reuse_prefix:
+            self._use_prefix([])
+        if not (prefix and self._chat_template is None and prompts) or (not self.reuse_prefix and self.layout == "split"):
+            return 0
+        want = self.tokenize(prefix)
+        for t in prompts:
+            n = 0
+            for a, b in zip(want, t[:-1]):  # leave one token to evaluate for logits
+                if a != b:
+                    break
+                n += 1
+            want = want[:n]
+        self._use_prefix(want)
+        return len(want)
+
     # ------------------------------------------------------------ generation
 
-    def generate(self, prompts: list[str], params: Decoding, seeds: list[int],
-                 prefix: str | None = None) -> list[Completion]:
-        """Up to `parallel` prompts decoded together (longer lists go in consecutive groups)."""
-        out: list[Completion] = []
-        for i in range(0, len(prompts), self.parallel):
-            out += self._group(prompts[i:i + self.parallel], params, seeds[i:i + self.parallel], prefix)
-        return out
+    def stream(self, prompts: list[str], params: Decoding, seeds: list[int],
+               prefix: str | None = None) -> Iterator[Completion]:
+        for i in range(0, len(prompts), self.window):
+            yield from self._window(prompts[i:i + self.window], params, seeds[i:i + self.window], prefix)
 
-    def _group(self, prompts: list[str], params: Decoding, seeds: list[int], prefix: str | None) -> list[Completion]:
+    def _window(self, prompts: list[str], params: Decoding, seeds: list[int],
+                prefix: str | None) -> Iterator[Completion]:
         L, chat = self.L, self._chat_template is not None
         toks = [self.tokenize(self._format(p), special=chat) for p in prompts]
         results: list[Completion | None] = [None] * len(prompts)
-        live = []  # sequence slots with room to generate
-        for s, t in enumerate(toks):
-            if len(t) >= self.n_ctx_seq:
-                results[s] = too_long(len(t))
+        queue = deque()
+        for i, t in enumerate(toks):
+            if len(t) >= self.card.context:
+                results[i] = too_long(len(t))
             else:
-                live.append(s)
-
-        shared = 0
-        if prefix and self.reuse_prefix and not chat and live:
-            # The common *token* prefix: a prefix tokenized alone can end differently than inside
-            # a prompt (its trailing spaces and new lines merge with what follows).
-            want = self.tokenize(prefix)
-            for s in live:
-                n = 0
-                for a, b in zip(want, toks[s][:-1]):  # leave one token to evaluate for logits
-                    if a != b:
-                        break
-                    n += 1
-                want = want[:n]
-            self._use_prefix(want)
-            shared = len(want)
-
-        samplers = {s: self._sampler(params, seeds[s]) for s in live}
+                queue.append(i)
+        shared = self._shared_prefix(prefix, [toks[i] for i in queue])
+        stops = [x.encode("utf-8") for x in params.stop]
+        slots: dict[int, Slot] = {}
+        done = 0  # results before this index have been yielded
         try:
-            nxt = {}  # each sequence's next token, sampled from its latest logits
-            for s in live:  # prompts one at a time: a token's KV never depends on its neighbours
-                L.llama_memory_seq_rm(self.mem, s, -1, -1)
-                if shared:
-                    L.llama_memory_seq_cp(self.mem, self.parallel, s, -1, -1)
-                self._prefill(s, toks[s], shared)
-                nxt[s] = L.llama_sampler_sample(samplers[s], self.ctx, -1)  # before the next prefill overwrites
-            text = {s: bytearray() for s in live}
-            n_gen = {s: 0 for s in live}
-            limit = {s: min(params.max_tokens, self.n_ctx_seq - len(toks[s])) for s in live}
-            stops = [x.encode("utf-8") for x in params.stop]
-            while live:
-                step = []
-                for s in live:
-                    tok = nxt[s]
-                    n_gen[s] += 1
-                    finish = None
-                    if L.llama_vocab_is_eog(self.vocab, tok):
-                        finish = "eos"
-                    else:
-                        text[s] += self.piece(tok)
-                        cut = stop_at(text[s], stops)
-                        if cut >= 0:
-                            del text[s][cut:]
-                            finish = "stop"
-                        elif n_gen[s] >= limit[s]:
-                            finish = "length"
-                        elif params.stop_loops and n_gen[s] >= LOOP_MIN and n_gen[s] % LOOP_EVERY == 0 \
-                                and repetitive(text[s].decode("utf-8", errors="replace")):
-                            finish = "loop"
+            while queue or slots:
+                # Free slots take the next requests, lowest slot first.
+                for seq in range(self.parallel):
+                    if queue and seq not in slots:
+                        i = queue.popleft()
+                        L.llama_memory_seq_rm(self.mem, seq, -1, -1)
+                        if shared:
+                            L.llama_memory_seq_cp(self.mem, self.prefix_seq, seq, -1, -1)
+                        slots[seq] = Slot(seq, i, toks[i], self._sampler(params, seeds[i]),
+                                          min(params.max_tokens, self.card.context - len(toks[i])), n_past=shared)
+                for slot in self._step([slots[s] for s in sorted(slots)]):
+                    finish = self._finish(slot, params, stops)
                     if finish:
-                        results[s] = Completion(text[s].decode("utf-8", errors="replace"), len(toks[s]),
-                                                n_gen[s], finish)
-                    else:
-                        step.append((tok, len(toks[s]) + n_gen[s] - 1, s, True))
-                live = [seq for _, _, seq, _ in step]
-                if step:  # every unfinished sequence of the group advances one token together
-                    self._decode(step)
-                    for k, seq in enumerate(live):
-                        nxt[seq] = L.llama_sampler_sample(samplers[seq], self.ctx, k)
+                        results[slot.index] = Completion(slot.text.decode("utf-8", errors="replace"),
+                                                         len(slot.tokens), slot.n_gen, finish)
+                        L.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
+                        L.llama_sampler_free(slot.sampler)
+                        del slots[slot.seq]
+                while done < len(results) and results[done] is not None:
+                    yield results[done]
+                    done += 1
         finally:
-            for chain in samplers.values():
-                L.llama_sampler_free(chain)
-        return results  # type: ignore[return-value]
+            for slot in slots.values():  # a stop or an error mid-window
+                L.llama_sampler_free(slot.sampler)
+                L.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
+        while done < len(results):  # prompts too long at the window's end
+            yield results[done]
+            done += 1
+
+    def _step(self, live: list[Slot]) -> list[Slot]:
+        """One decoding step: every live slot's pending tokens (in slot order, so llama.cpp can
+        take consecutive sequences in one pass), in calls of at most N_BATCH tokens; each slot
+        samples its next token right after the call that holds its last token. Returns the slots."""
+        entries, owner = [], []
+        for slot in live:
+            new = slot.pending()
+            entries += new
+            owner += [slot] * len(new)
+        for start in range(0, len(entries), N_BATCH):
+            chunk = entries[start:start + N_BATCH]
+            self._decode(chunk)
+            for k, (_, pos, _, logits) in enumerate(chunk):
+                if logits:
+                    slot = owner[start + k]
+                    slot.n_past = pos + 1
+                    slot.token = self.L.llama_sampler_sample(slot.sampler, self.ctx, k)
+        return live
+
+    def _finish(self, slot: Slot, params: Decoding, stops: list[bytes]) -> str | None:
+        """Take the token the slot just sampled; why the sequence ends with it, or None."""
+        slot.n_gen += 1
+        if self.L.llama_vocab_is_eog(self.vocab, slot.token):
+            return "eos"
+        slot.text += self.piece(slot.token)
+        cut = stop_at(slot.text, stops)
+        if cut >= 0:
+            del slot.text[cut:]
+            return "stop"
+        if slot.n_gen >= slot.limit:
+            return "length"
+        if params.stop_loops and slot.n_gen >= LOOP_MIN and slot.n_gen % LOOP_EVERY == 0 \
+                and repetitive(slot.text.decode("utf-8", errors="replace")):
+            return "loop"
+        return None
 
     def close(self) -> None:
         L = self.L
-        L.llama_batch_free(self.batch)
-        L.llama_free(self.ctx)
-        L.llama_model_free(self.model)
-        self.ctx = self.model = None
+        if self.batch is not None:
+            L.llama_batch_free(self.batch)
+        if self.ctx:
+            L.llama_free(self.ctx)
+        if self.model:
+            L.llama_model_free(self.model)
+        self.batch = self.ctx = self.model = None
         gc.collect()
 
 

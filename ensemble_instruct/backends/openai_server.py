@@ -19,7 +19,7 @@ from typing import Iterator
 
 from ..config import ModelCard
 from ..errors import BadResponse, UserError
-from . import Completion, Decoding, stop_at, too_long
+from . import Backend, Completion, Decoding, stop_at, too_long
 
 _CONTEXT_WORDS = ("context", "too long", "maximum", "exceed")
 _TOKENIZERS = [("/extras/tokenize", "input"),  # llama-cpp-python
@@ -78,11 +78,13 @@ class _ServerGone(Exception):
     """A server refused the connection: its engine is not running."""
 
 
-class OpenAIBackend:
+class OpenAIBackend(Backend):
     def __init__(self, card: ModelCard, card_path: Path):
         preflight(card, card_path)
         self.card = card
-        self.batch_size = card.concurrency  # the instruction stage's batches; other stages stream
+        # Answers do not depend on each other; records are written a window at a time, while
+        # `concurrency` requests stay in flight across windows.
+        self.window = card.concurrency
         self.clients = {url: _client(card, url, card.timeout_s) for url in card.endpoints}
         self.client = self.clients[card.endpoints[0]]
         self.gone: set[str] = set()  # servers that refused a connection
@@ -109,11 +111,8 @@ class OpenAIBackend:
             return len(text) // 3 + 1
         return len(self._request(0, path, {"model": self.card.model, field: text}, need="tokens")["tokens"])
 
-    def generate(self, prompts: list[str], params: Decoding, seeds: list[int],
-                 prefix: str | None = None) -> list[Completion]:  # servers cache prefixes themselves
-        return list(self.stream(prompts, params, seeds))
-
-    def stream(self, prompts: list[str], params: Decoding, seeds: list[int]) -> Iterator[Completion]:
+    def stream(self, prompts: list[str], params: Decoding, seeds: list[int],
+               prefix: str | None = None) -> Iterator[Completion]:  # servers cache prefixes themselves
         """Completions in prompt order, `concurrency` requests in flight: the next is sent as soon
         as any returns. Closing the iterator cancels what has not been sent."""
         if len(prompts) == 1:

@@ -58,7 +58,8 @@ def run_stage(run: Run, backend: Backend, typ: str) -> None:
             check_stop(run, f"instruction generation ({typ})")
             first = len(recs)
             # About one instruction per request (each stops at |EoS|): ask for no more than needed.
-            size = min(backend.batch_size, max_requests - first, target - len(pool))
+            # One window of the backend: its results depend on each other, and it is written whole.
+            size = min(backend.window, max_requests - first, target - len(pool))
             indices = range(first, first + size)
             prompts, seeds = [], []
             for i in indices:  # every prompt of a batch sees the pool as it was at the batch start
