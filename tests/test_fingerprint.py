@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import fakes
+from conftest import run_generate
 from ensemble_instruct import rundir
 from ensemble_instruct.config import load_card
 from ensemble_instruct.errors import UserError
@@ -224,7 +225,7 @@ def test_real_run_whose_generator_is_also_an_extra(tmp_path):
                      .replace("target = { A = 3, B = 2 }", "target = { A = 1, B = 1 }"))
     assert "smollm2-135m.toml\"]" in cfg.read_text()
     run = tmp_path / "run"
-    r = cli("generate", "-c", cfg, "--out", run, fake=False)
+    r = run_generate(run, config=cfg)  # a generous timeout: CI machines are slow
     assert r.returncode == 0, r.stderr[-2000:]
     assert names(run) == ["smollm2-135m", "gemma3-270m", "smollm2-135m"]
     assert list(run.glob("outputs_smollm2-135m_*.jsonl"))  # the generator's greedy answers as an extra
@@ -235,6 +236,6 @@ def test_real_run_whose_generator_is_also_an_extra(tmp_path):
     readers_work(run, tmp_path)
     r = cli("report", run, fake=False)
     assert r.returncode == 0 and (run / "report" / "report.md").exists(), r.stderr[-2000:]
-    r = cli("generate", "--out", run, fake=False)  # resume of the finished run: nothing loaded again
+    r = run_generate(run, config=cfg)  # resume of the finished run: nothing loaded again
     assert r.returncode == 0, r.stderr[-2000:]
     assert "forced" not in manifest(run) and manifest(run)["events"] == events
