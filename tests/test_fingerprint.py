@@ -41,9 +41,9 @@ def test_generator_that_is_also_an_extra_model(tmp_path):
     run = tmp_path / "run"
     r = cli("generate", "-c", cfg, "--out", run)
     assert r.returncode == 0, r.stderr[-2000:]
+    readers_work(run, tmp_path)
     assert names(run) == ["gen", "extra1", "gen"]  # three roles, three cards
     assert len(manifest(run)["fingerprint"]["weights"]) == 3
-    readers_work(run, tmp_path)
     r = cli("generate", "--out", run)  # a resume of the finished run: nothing changed
     assert r.returncode == 0, r.stderr[-2000:]
     assert "forced" not in manifest(run)
@@ -227,12 +227,12 @@ def test_real_run_whose_generator_is_also_an_extra(tmp_path):
     run = tmp_path / "run"
     r = run_generate(run, config=cfg)  # a generous timeout: CI machines are slow
     assert r.returncode == 0, r.stderr[-2000:]
-    assert names(run) == ["smollm2-135m", "gemma3-270m", "smollm2-135m"]
     assert list(run.glob("outputs_smollm2-135m_*.jsonl"))  # the generator's greedy answers as an extra
     events = manifest(run)["events"]
     (run / "dataset.jsonl").unlink()
     r = cli("ensemble", "--run", run, fake=False)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert names(run) == ["smollm2-135m", "gemma3-270m", "smollm2-135m"]
     readers_work(run, tmp_path)
     r = cli("report", run, fake=False)
     assert r.returncode == 0 and (run / "report" / "report.md").exists(), r.stderr[-2000:]
