@@ -280,7 +280,15 @@ def weights_record(card: ModelCard, card_path: Path) -> dict:
     if src is None:
         return {"server": ", ".join(card.endpoints), "model": card.model}
     if src.hub_repo:
-        return {"hub_repo": src.hub_repo, "hub_file": src.hub_file, "revision": src.revision}
+        # What the revision (often a branch: "main") resolves to in the local hub cache now, read
+        # without network: the commit and the bytes that a load would get. Not cached yet: only
+        # what the card says (commit None); on_hub_resolved completes it once a backend resolves it.
+        rec: dict = {"hub_repo": src.hub_repo, "hub_file": src.hub_file, "revision": src.revision, "commit": None}
+        cached = _hub_cached(src)
+        if cached is not None:
+            rec["commit"] = _snapshot_commit(cached)
+            rec.update({"file": cached.name, **quick_hash(cached)} if src.hub_file else _files_record(cached))
+        return rec
     if src.assemble:  # built from versioned part packages; the parts carry their own checksums
         import importlib.metadata as md
         try:
@@ -291,7 +299,38 @@ def weights_record(card: ModelCard, card_path: Path) -> dict:
     path = resolve_weights(card, card_path)
     if path.is_file():
         return {"file": path.name, **quick_hash(path)}
-    return {"files": {str(p.relative_to(path)): quick_hash(p) for p in sorted(path.rglob("*")) if p.is_file()}}
+    return _files_record(path)
+
+
+def _files_record(folder: Path) -> dict:
+    return {"files": {str(p.relative_to(folder)): quick_hash(p) for p in sorted(folder.rglob("*")) if p.is_file()}}
+
+
+def _hub_cached(src: Source) -> Path | None:
+    """The cached hub file (or, for a whole repo, the snapshot folder) that src's revision names
+    now; None if it is not in the cache. Reads only the cache (refs/, snapshots/)."""
+    try:
+        import huggingface_hub
+    except ImportError:
+        return None
+    found = huggingface_hub.try_to_load_from_cache(src.hub_repo, src.hub_file or "config.json", revision=src.revision)
+    if not isinstance(found, str):
+        return None
+    return Path(found) if src.hub_file else Path(found).parent
+
+
+def _snapshot_commit(path: Path) -> str | None:
+    """The commit in a hub cache path: .../models--org--name/snapshots/<commit>/file."""
+    parts = path.parts
+    for i in range(len(parts) - 2, -1, -1):
+        if parts[i] == "snapshots":
+            return parts[i + 1]
+    return None
+
+
+# Called with (card, card_path) after a hub source was resolved (downloaded if need be), so that
+# the open run can record the commit and bytes it did not find in the cache when it was opened.
+on_hub_resolved = None
 
 
 def check_gguf(path: Path) -> None:
@@ -354,8 +393,12 @@ def resolve_weights(card: ModelCard, card_path: Path) -> Path:
         raise UserError(f"{card_path}: hub sources need huggingface_hub (pip install -e '.[hf]')") from None
     try:
         if src.hub_file:
-            return Path(huggingface_hub.hf_hub_download(src.hub_repo, src.hub_file, revision=src.revision))
-        return Path(huggingface_hub.snapshot_download(src.hub_repo, revision=src.revision))
+            path = Path(huggingface_hub.hf_hub_download(src.hub_repo, src.hub_file, revision=src.revision))
+        else:
+            path = Path(huggingface_hub.snapshot_download(src.hub_repo, revision=src.revision))
     except Exception as e:
         raise UserError(f"{card_path}: cannot fetch {src.hub_repo} from the hub "
                         f"({type(e).__name__}); download it and set source.path instead") from None
+    if on_hub_resolved is not None:
+        on_hub_resolved(card, card_path)
+    return path

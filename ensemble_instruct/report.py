@@ -181,7 +181,9 @@ def build_report(run_dir: Path, sample: int = 5) -> Path:
     out.mkdir(exist_ok=True)
     f, data = funnel(run_dir), _collect(run_dir)
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    plots = _plots(out, f, data, manifest["fingerprint"]["config"], list(manifest["fingerprint"]["cards"]))
+    cards = manifest["fingerprint"]["cards"]  # a list in role order; older runs: keyed by name
+    names = [c["name"] for c in cards] if isinstance(cards, list) else list(cards)
+    plots = _plots(out, f, data, manifest["fingerprint"]["config"], names)
 
     fmt = lambda d: ", ".join(f"{k}: {v}" for k, v in sorted(d.items())) or "-"  # noqa: E731
     md = [f"# Run report: `{run_dir.name}`", "",

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import templates
+from . import config as _config, templates
 from .backends import check_installed, preflight
 from .config import ROOT, Config, ModelCard, check_weights, file_hash, load_card, load_config, weights_record
 from .errors import UserError
@@ -72,21 +72,95 @@ class Run:
             self.note_repair(path, f"cut a torn last line ({cut} bytes)")
         return read_jsonl(path, "run")
 
+    def hub_resolved(self, card: ModelCard, card_path: Path) -> None:
+        """A backend resolved a hub card's weights: record the commit and bytes where the run was
+        opened before they were in the cache; refuse bytes other than those recorded (the branch
+        moved on the hub since the run was opened), before this model generates anything."""
+        records = self.manifest["fingerprint"]["weights"]
+        for i, (c, p) in enumerate([self.generator, *self.extras]):
+            if c != card or Path(p) != Path(card_path) or not records[i].get("hub_repo"):
+                continue
+            now = weights_record(c, p)
+            if records[i].get("commit") is None:
+                records[i] = now
+                self.save_manifest()
+            elif now != records[i]:
+                changes = diff(records[i], now, f"weights.{_role(i)}.")
+                raise UserError(f"{card.source.hub_repo} changed on the hub since the run was opened: "
+                                f"{'; '.join(changes[:2])}; run the command again (a resume names the change, "
+                                "--force accepts it)")
+
     def note_repair(self, path: Path, what: str) -> None:
         self.manifest.setdefault("repairs", []).append(
             {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "file": Path(path).name, "what": what})
         self.save_manifest()
 
 
+# The packages that compute a backend's outputs: a new version may give other text for the same
+# request, so a resume compares them (only those of the backends the run uses).
+ENGINES = {"llama_cpp": ("llama_cpp_python",), "transformers": ("torch", "transformers", "accelerate"), "openai": ()}
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def engines(cards: list[ModelCard]) -> dict:
+    pkgs = {p for c in cards for p in ENGINES[c.backend]}
+    pkgs |= {"bitsandbytes" for c in cards if c.backend == "transformers" and c.quantization != "none"}
+    return {p: _version(p) for p in sorted(pkgs)}
+
+
 def fingerprint(cfg: Config, cards: list[tuple[ModelCard, Path]]) -> dict:
     tdir = cfg.path(cfg.templates_dir)
     return {
         "config": cfg.model_dump(mode="json"),
-        "cards": {c.name: c.model_dump(mode="json") for c, _ in cards},  # a diff names the setting
-        "weights": {c.name: weights_record(c, p) for c, p in cards},
+        # Lists in role order (generator, then the extras in config order), not keyed by name: the
+        # generator may also be one of the extras (greedy this time), so a name can fill two roles.
+        "cards": [c.model_dump(mode="json") for c, _ in cards],
+        "weights": [weights_record(c, p) for c, p in cards],
+        "engines": engines([c for c, _ in cards]),
         "templates": {p.name: file_hash(p) for p in sorted(tdir.glob("*.txt"))},
         "seeds_file": file_hash(cfg.path(cfg.seeds_file)),
     }
+
+
+def _role(i: int) -> str:
+    return "generator" if i == 0 else f"extra{i}"
+
+
+def _by_role(fp: dict, names: list[str]) -> dict:
+    """A fingerprint as a resume compares it: cards and weights keyed by role, so that a change
+    reads `cards.extra2.context (2048 -> 4096)`. An older manifest keyed them by card name (one
+    entry for a generator that was also an extra): it is looked up with the new cards' names."""
+    out = dict(fp)
+    for key in ("cards", "weights"):
+        if key in fp:
+            value = [fp[key].get(n) for n in names] if isinstance(fp[key], dict) else fp[key]
+            out[key] = {_role(i): v for i, v in enumerate(value)}
+    return out
+
+
+# Hub weights that were not in the local cache when the run was opened: only what the card says
+# was recorded then; these keys are completed once a backend resolves (downloads) the file.
+_RESOLVED = ("commit", "file", "files", "size", "sha256_ends")
+
+
+def setup_changes(old: dict, new: dict, names: list[str]) -> list[str]:
+    """What differs between the fingerprint a run was started with and the current one."""
+    old, new = _by_role(old, names), _by_role(new, names)
+    # A run started before weights (or engines) were recorded cannot tell whether they changed.
+    new = {k: v for k, v in new.items() if k in old or k not in ("weights", "engines")}
+    if isinstance(new.get("weights"), dict) and isinstance(old.get("weights"), dict):
+        new["weights"] = dict(new["weights"])
+        for role, rec in old["weights"].items():
+            if isinstance(rec, dict) and rec.get("hub_repo") and rec.get("commit") is None \
+                    and isinstance(new["weights"].get(role), dict):
+                new["weights"][role] = {k: v for k, v in new["weights"][role].items() if k not in _RESOLVED or k in rec}
+    return diff(old, new)
 
 
 def diff(old, new, prefix="") -> list[str]:
@@ -252,9 +326,7 @@ def open_run(config: Path | None, out: Path | None, num_instructions: int | None
     existing = _read_manifest(out)  # again, under the lock: another run may have started it meanwhile
     changes = []
     if existing is not None:
-        old = existing["fingerprint"]
-        # A run started before weights were recorded cannot tell whether they changed.
-        changes = diff(old, fp if "weights" in old else {k: v for k, v in fp.items() if k != "weights"})
+        changes = setup_changes(existing["fingerprint"], fp, [c.name for c, _ in [generator, *extras]])
     if changes and not force:
         raise UserError(f"{out} was started with a different setup: {'; '.join(changes[:3])}"
                         f"{' ...' if len(changes) > 3 else ''} (use a new --out, or --force)")
@@ -266,6 +338,7 @@ def open_run(config: Path | None, out: Path | None, num_instructions: int | None
         manifest["config_dir"] = str(cfg._dir)
     run = Run(out, cfg, generator, extras, seeds, manifest)
     run.save_manifest()
+    _config.on_hub_resolved = run.hub_resolved
     return run
 
 
@@ -283,10 +356,18 @@ def open_existing(out: Path, lock_it: bool) -> Run:
     fp = existing["fingerprint"]
     try:
         cfg = Config(**fp["config"]).located(_config_dir(existing))
-        cards = [ModelCard(**c) for c in fp["cards"].values()]  # generator first, then extras in order
-    except (ValueError, KeyError, AttributeError):
+        raw = fp["cards"]  # generator first, then the extras in config order
+        cards = [ModelCard(**c) for c in (raw.values() if isinstance(raw, dict) else raw)]
+    except (ValueError, KeyError, AttributeError, TypeError):
         raise UserError(f"{out / 'manifest.json'}: not a run manifest this version can read") from None
     paths = [cfg.path(cfg.generator), *(cfg.path(p) for p in cfg.extra)]
+    if len(cards) != len(paths) and isinstance(raw, dict):
+        # A run from before cards were a list, whose generator was also an extra: one entry for
+        # two roles. The card files say which name fills which role.
+        try:
+            cards = [ModelCard(**raw[load_card(p)[0].name]) for p in paths]
+        except (UserError, KeyError, ValueError):
+            pass
     if len(cards) != len(paths):
         raise UserError(f"{out / 'manifest.json'}: the manifest's cards do not match its config")
     if lock_it:

@@ -248,3 +248,17 @@ def test_llamacpp_cuts_a_loop_short(smollm):
     out = smollm.generate([prompt], p, [0])[0]
     assert out.finish == "loop" and out.completion_tokens < 400
     assert smollm.generate([prompt], Decoding(max_tokens=400), [0])[0].finish == "length"
+
+
+def test_llamacpp_frees_the_model_when_the_chat_template_is_missing(monkeypatch):
+    """A chat card on a GGUF without a chat template (Gemma-3-270M base) is a one-line error, and
+    the model already loaded is freed, not leaked."""
+    import llama_cpp
+
+    freed = []
+    free = llama_cpp.llama_model_free
+    monkeypatch.setattr(llama_cpp, "llama_model_free", lambda m: (freed.append(m), free(m)))
+    card, path = load_card("gemma3-270m")
+    with pytest.raises(UserError, match="no chat template"):
+        load_backend(card.model_copy(update={"prompt_format": "chat"}), path)
+    assert len(freed) == 1

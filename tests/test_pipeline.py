@@ -35,7 +35,7 @@ def test_every_stage_file_and_manifest(reference_run):
         assert (reference_run / name).exists(), name
     m = json.loads((reference_run / "manifest.json").read_text())
     assert m["fingerprint"]["config"]["seed"] == 3 and m["seed"] == 3
-    assert set(m["fingerprint"]["cards"]) == {"smollm2-135m", "gemma3-270m", "smollm2-135m-hf-nf4"}
+    assert [c["name"] for c in m["fingerprint"]["cards"]] == ["smollm2-135m", "gemma3-270m", "smollm2-135m-hf-nf4"]
     assert {"rapidfuzz", "llama_cpp_python", "torch", "transformers"} <= set(m["versions"])
     for key in ("instructions_A", "instances_B", "outputs_gemma3-270m_A", "outputs_smollm2-135m-hf-nf4_B"):
         t = m["timings"][key]

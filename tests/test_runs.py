@@ -213,7 +213,7 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path):
     r = cli("generate", "-c", cfg, "--out", "run", cwd=elsewhere)
     assert r.returncode == 0, r.stderr[-2000:]
     m = manifest(elsewhere / "run")
-    assert list(m["fingerprint"]["cards"]) == ["gen", "extra1", "extra2"]
+    assert [c["name"] for c in m["fingerprint"]["cards"]] == ["gen", "extra1", "extra2"]
     assert len(m["fingerprint"]["templates"]) == 8  # the bundled templates: none next to the config
     # resumes from elsewhere too: the manifest knows the config's folder
     r = cli("generate", "--out", elsewhere / "run", cwd=tmp_path)

@@ -1,6 +1,7 @@
 """transformers: causal and seq2seq models in fp32/fp16/bf16 or bitsandbytes 8-bit / 4-bit.
 
-Batched generation with left padding (causal), prompts sorted by length inside a batch. A GGUF
+Greedy requests are batched with left padding (causal), prompts sorted by length inside a batch;
+a sampled request is generated alone with its own seed. A GGUF
 source is loaded once through transformers (slow: it dequantizes in pure Python) and cached as
 safetensors next to the other cached models.
 """
@@ -130,8 +131,8 @@ class HFBackend(Backend):
             yield from self._batch(prompts[i:i + self.window], params, seeds[i:i + self.window])
 
     def _batch(self, prompts: list[str], params: Decoding, seeds: list[int]) -> list[Completion]:
-        """One window. Prompts are sorted by length so padding stays small, and results come back
-        in the callers' order. A fixed prefix is not reused here."""
+        """One window. Greedy prompts are sorted by length so padding stays small, and results come
+        back in the callers' order. A fixed prefix is not reused here."""
         texts = [self._format(p) for p in prompts]
         special = self.card.prompt_format != "chat"
         n_prompt = [len(ids) for ids in self.tok(texts, add_special_tokens=special)["input_ids"]]
@@ -142,13 +143,19 @@ class HFBackend(Backend):
                 results[i] = too_long(n)
             else:
                 fits.append(i)
-        if fits:
+        if fits and params.temperature > 0:
+            # Sampling draws from one random stream for the whole batch, and padding shifts the
+            # logits a little: batched, a request's text would depend on its neighbours. Alone,
+            # with its own seed, it depends on its prompt and seed only.
+            for i in fits:
+                results[i] = self._generate([texts[i]], params, seeds[i])[0]
+        elif fits:
             order = sorted(fits, key=lambda i: -len(texts[i]))
-            for i, c in zip(order, self._generate([texts[i] for i in order], params, seeds[fits[0]])):
+            for i, c in zip(order, self._generate([texts[i] for i in order], params)):
                 results[i] = c
         return results  # type: ignore[return-value]
 
-    def _generate(self, texts: list[str], params: Decoding, seed: int) -> list[Completion]:
+    def _generate(self, texts: list[str], params: Decoding, seed: int | None = None) -> list[Completion]:
         torch = self.torch
         enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=self.card.prompt_format != "chat")
         n_prompt = enc["attention_mask"].sum(dim=1).tolist()
@@ -161,7 +168,8 @@ class HFBackend(Backend):
         if params.stop:
             start = 0 if self.seq2seq else enc["input_ids"].shape[1]
             gen["stopping_criteria"] = _stop_strings(self.tok, params.stop, start)
-        torch.manual_seed(seed)  # the batch's first seed: fixed batches give fixed results
+        if seed is not None:
+            torch.manual_seed(seed)
         with torch.inference_mode():
             out = self.model.generate(**enc, **gen)
         if not self.seq2seq:
