@@ -9,7 +9,7 @@ tasks' own instructions stand in for machine-made ones):
 - outputs-gemma: Gemma-3-270M base, its `Answer:` template, greedy, stop at the end of the line;
 - outputs-chat: SmolLM2-135M in its chat format, greedy, 256 tokens, stop at a blank line.
 Each runs with static groups (window = parallel: no slot is refilled, the old engine's schedule)
-and with continuous batching in windows of 4 x parallel, in the split and the unified KV layout.
+and with continuous batching in one window of all of them, in the split and the unified KV layout.
 Printed: completion tokens/s and its share of the ceiling.
 
     python bench/bench_engine.py [--n 64] [--layouts split unified] [--workloads instances outputs-gemma outputs-chat]
@@ -73,6 +73,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=64, help="requests per workload")
     ap.add_argument("--layouts", nargs="+", default=["split", "unified"])
+    ap.add_argument("--continuous-only", action="store_true", help="skip the static-groups runs")
     ap.add_argument("--workloads", nargs="+", default=["instances", "outputs-gemma", "outputs-chat"])
     args = ap.parse_args()
     ceilings = {}
@@ -84,7 +85,9 @@ def main():
             if key not in ceilings:
                 ceilings[key] = ceiling(name, layout)
                 print(f"ceiling {name} {layout}: {ceilings[key]:.1f} tok/s (16 live sequences)", flush=True)
-            for label, window in (("static groups of 16", 16), ("continuous, window 64", 64)):
+            schedules = ((("static groups of 16", 16),) if not args.continuous_only else ()) + \
+                ((f"continuous, window {len(prompts)}", len(prompts)),)
+            for label, window in schedules:
                 b = backend(name, parallel=16, window=window, kv=layout)
                 if prefix:  # the prefix is evaluated once per model load, not per request: apart
                     b.generate([prompts[0]], Decoding(1), [0], prefix=prefix)

@@ -72,7 +72,7 @@ class ModelCard(Strict):
     threads: int = Field(0, ge=0)  # CPU threads; 0 = all cores
     parallel: int = Field(1, ge=1)  # llama.cpp: sequences decoded together (one KV cache of `context` each)
     # llama.cpp: requests scheduled together (continuous batching inside, fixed boundaries; default
-    # 4 x parallel); a killed run redoes at most one window
+    # 8 x parallel: a window ends with a tail where few slots are live); a kill redoes at most one
     window: Optional[int] = Field(None, ge=1)
     kv: Literal["split", "unified"] = "split"  # llama.cpp KV layout (backends/llamacpp.py)
     batch_size: int = Field(1, ge=1)  # transformers: prompts per generate() call

@@ -222,7 +222,7 @@ def test_a_window_depends_on_its_own_requests_only(smollm):
     b.close()
     assert [c.text for c in together[:3]] == [c.text for c in alone]
     assert together[0].text != together[2].text  # same prompt, other seed
-    assert smollm.parallel == 16 and smollm.window == 64  # the card's default: 4 x parallel
+    assert smollm.parallel == 16 and smollm.window == 128  # the card's default: 8 x parallel
 
 
 def test_card_parallel_is_part_of_the_run_fingerprint(tmp_path):

@@ -83,7 +83,7 @@ class LlamaCppBackend(Backend):
         _silence(llama_cpp)
         llama_cpp.llama_backend_init()
         self.parallel = card.parallel
-        self.window = card.window or 4 * card.parallel
+        self.window = card.window or 8 * card.parallel
         threads = int(os.environ.get("ENSEMBLE_INSTRUCT_THREADS", 0)) or card.threads or os.cpu_count() or 1
 
         mp = llama_cpp.llama_model_default_params()
