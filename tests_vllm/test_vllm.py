@@ -70,8 +70,9 @@ def test_sigkill_mid_stage_then_resume(ref, tmp_path, target, lines):
         if f.exists() and f.read_bytes().count(b"\n") >= lines:
             break
         time.sleep(0.01)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    p.send_signal(signal.SIGKILL)  # does nothing if the run already exited: then wait() is 0, not -9
+    assert p.wait() == -signal.SIGKILL, "the run ended before the kill"
+    assert (run / target).exists() and not (run / "dataset.jsonl").exists()  # killed mid-run
     r = subprocess.run(generate(run), capture_output=True, text=True, env=ENV, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     assert files(run) == files(ref)
