@@ -13,7 +13,7 @@ from conftest import ROOT
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
     """A wheel of the tracked files (no build isolation: no network, the current setuptools)."""
-    import setuptools  # in the dev extra: a missing or old one fails here, it does not skip
+    import setuptools  # in the dev extra: a missing or old one fails here
 
     # pyproject's license = "..." (PEP 639) needs setuptools >= 77
     assert int(setuptools.__version__.split(".")[0]) >= 77, f"setuptools {setuptools.__version__} < 77"

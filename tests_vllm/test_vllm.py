@@ -1,6 +1,6 @@
 """Against a real vLLM server (`make test-vllm` starts it with scripts/vllm.sh and stops it after).
-Not part of `make test`: these need the separate vLLM venv and several minutes. They fail, never
-skip, when the server is not there."""
+Not part of `make test`: these need the separate vLLM venv and several minutes. A server that is
+not there is a failure."""
 import json
 import os
 import signal
