@@ -12,12 +12,8 @@ from __future__ import annotations
 import re
 import string
 from dataclasses import dataclass, field
-from itertools import combinations
-
-import numpy as np
 
 from .errors import UserError
-from .similarity import Vocab, encode_texts, rouge_pairs_encoded
 
 _PUNCT = str.maketrans("", "", string.punctuation)
 _WS = re.compile(r"\s+")
@@ -52,40 +48,21 @@ def exact_group(norms: list[str]) -> list[int]:
 
 
 def ensemble(candidates: list[list[str]], threshold: float = 0.01, workers: int = -1) -> list[Decision]:
-    """One Decision per instance; candidates[k] holds instance k's N >= 3 outputs."""
+    """One Decision per instance; candidates[k] holds instance k's N >= 3 outputs (N may differ
+    between instances). The rule itself is `rules`' "paper" rule: one implementation for the
+    pipeline, `ensemble` on the CLI and `evaluate`."""
+    from . import rules  # rules builds on this module's normalize, exact_group and Decision
+
     if any(len(c) < 3 for c in candidates):
         raise ValueError("the ensemble needs at least 3 candidate outputs per instance")
     decisions: list[Decision | None] = [None] * len(candidates)
-    need_rouge: list[int] = []
-    norms_all = [[normalize(t) for t in cands] for cands in candidates]
-    for k, norms in enumerate(norms_all):
-        group = exact_group(norms)
-        if group:
-            w = group[0]
-            decisions[k] = Decision(True, "exact", w, candidates[k][w], group=group)
-        else:
-            need_rouge.append(k)
-
-    # Rule 2, batched per candidate-count: encode once, then one cpdist per pair (i, j).
     by_n: dict[int, list[int]] = {}
-    for k in need_rouge:
-        by_n.setdefault(len(candidates[k]), []).append(k)
-    vocab = Vocab()
-    for n, ks in by_n.items():
-        enc = [encode_texts([norms_all[k][i] for k in ks], True, vocab) for i in range(n)]
-        pairs = list(combinations(range(n), 2))
-        scores = {(i, j): rouge_pairs_encoded(enc[i], enc[j], workers) for i, j in pairs}
-        for row, k in enumerate(ks):
-            s = {f"{i}-{j}": float(scores[i, j][row]) for i, j in pairs}
-            if min(s.values()) > threshold:
-                sums = np.zeros(n)
-                for (i, j) in pairs:
-                    sums[i] += scores[i, j][row]
-                    sums[j] += scores[i, j][row]
-                w = int(np.argmax(sums))  # first maximum: ties go to the earliest
-                decisions[k] = Decision(True, "rouge", w, candidates[k][w], scores=s)
-            else:
-                decisions[k] = Decision(False, "below_threshold", None, None, scores=s)
+    for k, c in enumerate(candidates):
+        by_n.setdefault(len(c), []).append(k)
+    for ks in by_n.values():  # the rules score instances with the same N together
+        rows = [candidates[k] for k in ks]
+        for k, d in zip(ks, rules.decisions(rules.score(rows, "paper", workers=workers), rows, threshold, "rouge")):
+            decisions[k] = d
     return decisions  # type: ignore[return-value]
 
 

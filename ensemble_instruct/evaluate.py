@@ -278,7 +278,7 @@ def _plots(out: Path, result: dict) -> list[tuple[str, str]]:
 
 
 def write_report(out: Path, result: dict, configured: str, tasks_name: str) -> None:
-    from .report import _html, _table
+    from .report import html_page, md_table
 
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "metrics.json", result)
@@ -292,15 +292,15 @@ def write_report(out: Path, result: dict, configured: str, tasks_name: str) -> N
           f"marked *. ROUGE-L is rouge-score's F1 with stemming, gold as the target.", "",
           *(f"- `{r}`: {rules.HELP[r]}" for r in result["rules"]), ""]
     for title, header, rows in tables(result, configured):
-        md += [f"## {title}", "", _table(header, rows), ""]
+        md += [f"## {title}", "", md_table(header, rows), ""]
     md += ["## Threshold sweep", "",
-           _table(["rule", "threshold", "kept", "pick", "best single", "oracle"],
+           md_table(["rule", "threshold", "kept", "pick", "best single", "oracle"],
                   [[r, f"{p['threshold']:g}", f"{100 * p['kept_fraction']:.0f}%", _f(p["pick"]),
                     _f(p["best_single"]), _f(p["oracle"])] for r, pts in result["sweep"].items() for p in pts]), ""]
     md += ["## Plots", ""] + [f"### {title}\n\n![{title}]({name})\n" for name, title in plots]
     text = "\n".join(md)
     (out / "report.md").write_text(text, encoding="utf-8")
-    (out / "report.html").write_text(_html(text, out), encoding="utf-8")
+    (out / "report.html").write_text(html_page(text, out), encoding="utf-8")
 
 
 def run_evaluation(out: Path, tasks: list[dict], tasks_name: str, names: list[str], candidates: list[list[str]],

@@ -160,7 +160,8 @@ def _plots(out: Path, f: dict, data: dict, cfg: dict, cards: list[str]) -> list[
     return plots
 
 
-def _table(header: list[str], rows: list[list]) -> str:
+def md_table(header: list[str], rows: list[list]) -> str:
+    """A markdown table (also used by `evaluate`'s report); a cell's `|` and newlines are escaped."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in r) + " |" for r in rows]
     return "\n".join(lines)
@@ -195,33 +196,33 @@ def build_report(run_dir: Path, sample: int = 5) -> Path:
             ("instances", "instances generated"), ("instance_dropped", "instances dropped (reason: count)"),
             ("usable_instances", "usable instances"), ("ensemble_rules", "ensemble rule (rule: count)"),
             ("kept", "kept"), ("winners", "kept output from")]
-    md += [_table(["", "type A", "type B"],
+    md += [md_table(["", "type A", "type B"],
                   [[label, *(fmt(f[t][k]) if isinstance(f[t][k], dict) else f[t][k] for t in TYPES)] for k, label in keys])]
     md += ["", "## Cost per stage", ""]
     rows = [[k, t["model"], t["seconds"], t["prompt_tokens"], t["completion_tokens"], t["tokens_per_s"],
              f'{100 * t["length_share"]:.1f}%' if "length_share" in t else "", fmt(t.get("finish", {})),
              t.get("peak_rss_mb", "")]
             for k, t in manifest.get("timings", {}).items()]
-    md += [_table(["stage", "model", "wall s", "prompt tokens", "generated tokens", "tokens/s", "hit token limit",
+    md += [md_table(["stage", "model", "wall s", "prompt tokens", "generated tokens", "tokens/s", "hit token limit",
                    "how completions ended", "peak RSS MB"], rows)]
     md += ["", "## Plots", ""] + [f"### {title}\n\n![{title}]({name})\n" for name, title in plots]
     md += ["## Most frequent leading words", "",
-           _table(["word", "instructions"], leading_verbs(data["instructions"]["A"] + data["instructions"]["B"])), ""]
+           md_table(["word", "instructions"], leading_verbs(data["instructions"]["A"] + data["instructions"]["B"])), ""]
     md += ["## Sample of kept examples", "",
-           _table(["id", "rule", "from", "instruction", "input", "output"],
+           md_table(["id", "rule", "from", "instruction", "input", "output"],
                   [[r["id"], r["rule"], r["source"], _clip(r["instruction"]), _clip(r["input"]), _clip(r["output"])]
                    for r in data["kept"][:sample]]), ""]
     md += ["## Sample of dropped examples", "",
-           _table(["id", "pairwise ROUGE-L", "instruction", "generator output"],
+           md_table(["id", "pairwise ROUGE-L", "instruction", "generator output"],
                   [[r["id"], fmt({k: round(v, 3) for k, v in r.get("scores", {}).items()}), _clip(r["instruction"]),
                     _clip(r["output"])] for r in data["dropped"][:sample]]), ""]
     text = "\n".join(md)
     (out / "report.md").write_text(text, encoding="utf-8")
-    (out / "report.html").write_text(_html(text, out), encoding="utf-8")
+    (out / "report.html").write_text(html_page(text, out), encoding="utf-8")
     return out
 
 
-def _html(markdown_text: str, folder: Path) -> str:
+def html_page(markdown_text: str, folder: Path) -> str:
     """A self-contained page: our markdown subset (headings, tables, images) with images inlined."""
     import base64
     import html

@@ -5,9 +5,9 @@ keep) and a confidence; the instance is kept when the confidence is above the th
 pick is not empty. Scoring once and thresholding afterwards makes a threshold sweep cheap and
 monotone (a higher threshold keeps a subset of the rows).
 
-- paper: the spec's rule (`ensemble.ensemble`, unchanged; `select` calls it). An exact-match
-  group wins; otherwise the confidence is the smallest pairwise ROUGE-L and the pick the candidate
-  with the largest summed agreement.
+- paper: the spec's rule, and its only implementation (`ensemble.ensemble` runs it). An
+  exact-match group wins; otherwise the confidence is the smallest pairwise ROUGE-L and the pick
+  the candidate with the largest summed agreement.
 - weighted: the same keep decision as paper (so the same kept rows), but the pick is a weighted
   vote: each model votes for every candidate (its own included) in proportion to their
   similarity, and its vote counts as much as that model agrees with the others across the whole
@@ -206,7 +206,8 @@ def decisions(scored: Scored, candidates: list[list[str]], threshold: float, rul
 
 def select(candidates: list[list[str]], rule: str = DEFAULT, threshold: float = 0.01, quorum: int = 0,
            workers: int = -1) -> list[ens.Decision]:
-    """The ensemble step with the chosen rule; `paper` is exactly `ensemble.ensemble`."""
+    """The ensemble step with the chosen rule; `paper` is `ensemble.ensemble` (which also takes
+    instances with different numbers of candidates, and records the rule as "rouge")."""
     if rule == "paper":
         return ens.ensemble(candidates, threshold, workers)
     if not candidates:

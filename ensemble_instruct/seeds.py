@@ -1,11 +1,11 @@
 """Seed tasks: load, validate, and split into type A (needs an input) and B (output only)."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .store import read_jsonl_numbered
 
 
 @dataclass(frozen=True)
@@ -20,9 +20,7 @@ class SeedTask:
         return "A" if self.input.strip() else "B"
 
 
-def _parse(obj, where: str, n: int) -> SeedTask:
-    if not isinstance(obj, dict):
-        raise UserError(f"{where}: expected a JSON object")
+def _parse(obj: dict, where: str, n: int) -> SeedTask:
     instruction = obj.get("instruction")
     if not isinstance(instruction, str) or not instruction.strip():
         raise UserError(f"{where}: missing or empty 'instruction'")
@@ -40,23 +38,10 @@ def _parse(obj, where: str, n: int) -> SeedTask:
 
 def load_seeds(path: str | Path) -> list[SeedTask]:
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise UserError(f"{path}: seed file not found") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read: {e.strerror}") from None
-    tasks = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        tasks.append(_parse(obj, f"{path}:{n}", n))
+    if not path.exists():  # read_jsonl reads a missing file as empty; a missing seed file is a mistake
+        raise UserError(f"{path}: seed file not found")
+    # A user's file: a last line without its newline is a record. Bad lines are errors with path:line.
+    tasks = [_parse(obj, f"{path}:{n}", n) for n, obj in read_jsonl_numbered(path, "user")]
     if not tasks:
         raise UserError(f"{path}: no seed tasks (empty file)")
     return tasks

@@ -30,7 +30,12 @@ def _read_bytes(path: Path) -> bytes:
 def read_jsonl(path: str | Path, kind: Kind) -> list[dict]:
     """All records of a JSONL file. kind "run": a last line without its newline is a torn write
     and is not a record (`cut_torn_tail` removes it); kind "user": it is a record. Any other bad
-    line is an error."""
+    line is an error. A missing file has no records."""
+    return [rec for _, rec in read_jsonl_numbered(path, kind)]
+
+
+def read_jsonl_numbered(path: str | Path, kind: Kind) -> list[tuple[int, dict]]:
+    """`read_jsonl`, each record with its line number (for messages that point at the line)."""
     if kind not in ("run", "user"):
         raise ValueError(f"kind must be 'run' or 'user', not {kind!r}")
     path = Path(path)
@@ -51,7 +56,7 @@ def read_jsonl(path: str | Path, kind: Kind) -> list[dict]:
             raise UserError(f"{path}:{n}: not UTF-8 text") from None
         if not isinstance(rec, dict):
             raise UserError(f"{path}:{n}: expected a JSON object")
-        records.append(rec)
+        records.append((n, rec))
     return records
 
 

@@ -1,5 +1,6 @@
 import os
 import random
+import string
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,26 @@ def random_text(rng: random.Random, lo: int = 0, hi: int = 12) -> str:
             w = rng.choice(["...", "日本", "ÉCOLE", "naïve", "\t", "İstanbul", "ﬁne"])
         out.append(w)
     return rng.choice([" ", "  ", "\n"]).join(out)
+
+
+def paper_rule_by_hand(cands: list[str], threshold: float = 0.01) -> int | None:
+    """The spec's ensemble rule (DESIGN.md, Ensemble), written the slow and obvious way on the
+    rouge-score package; it shares no code with the package. Returns the kept candidate's index,
+    or None when the instance is dropped."""
+    from rouge_score import rouge_scorer  # dev dependency; imported here so conftest loads without it
+
+    norm = [" ".join(c.lower().translate(str.maketrans("", "", string.punctuation)).split()) for c in cands]
+    groups = [[i for i in range(len(cands)) if norm[i] == norm[j]] for j in range(len(cands)) if norm[j]]
+    groups = [g for g in groups if len(g) >= 2]
+    if groups:  # the largest group, then the one whose earliest member comes first
+        return max(groups, key=lambda g: (len(g), -g[0]))[0]
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    n = len(cands)
+    f1 = [[scorer.score(norm[i], norm[j])["rougeL"].fmeasure for j in range(n)] for i in range(n)]
+    if min(f1[i][j] for i in range(n) for j in range(i + 1, n)) <= threshold:
+        return None
+    agreement = [sum(f1[i][j] for j in range(n) if j != i) for i in range(n)]
+    return agreement.index(max(agreement))  # ties: the earliest
 
 
 @pytest.fixture(autouse=True)

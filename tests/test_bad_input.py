@@ -1,6 +1,5 @@
 """Every bad input is one line on stderr, a non-zero exit, no traceback, nothing damaged."""
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -110,18 +109,45 @@ def test_run_directory_not_writable(tmp_path):
     assert_one_line_error(cli("generate", "-c", CI, "--out", blocker / "run"), "run directory is not writable")
 
 
+# During the first write to one stage file, the kernel lets no file grow past `limit` bytes
+# (RLIMIT_FSIZE, as a full disk would); the write lands in part, then fails. Only during that write:
+# the manifest, written first and larger than every stage file, would otherwise take the failure
+# before any stage (and on the way out, the stage's timings written to it would replace the error).
+DISK_FULL_AT = """import resource
+from pathlib import Path
+from ensemble_instruct import store
+_append, _writes = store.append_jsonl, []
+def append(path, records):
+    if Path(path).name != {name!r} or _writes:
+        return _append(path, records)
+    _writes.append(path)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, hard))
+    try:
+        return _append(path, records)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+store.append_jsonl = append"""
+
+
 @pytest.mark.models
 def test_write_failure_mid_run_then_resume(reference_run, tmp_path):
-    """The kernel refuses writes past 2 kB (RLIMIT_FSIZE), as a full disk would, somewhere mid-run."""
-    out = tmp_path / "run"
-    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))  # noqa: E731
-    r = cli("generate", "-c", CI, "--out", out, preexec=limit)
+    """The disk fills up in the middle of a stage (instances, after the instructions): one error
+    line, exit 2; the resume drops the torn record and makes what an uninterrupted run makes."""
+    out, name = tmp_path / "run", "instances_A.jsonl"
+    full = (reference_run / name).read_bytes()
+    first = full.index(b"\n") + 1  # the stage writes its records in one batch: the first fits whole
+    r = cli("generate", "-c", CI, "--out", out, wrapper=DISK_FULL_AT.format(name=name, limit=first + 20))
     assert r.returncode == 2 and "Traceback" not in r.stderr  # progress lines come first, the error last
-    assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "cannot write: File too large" in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == f"error: {out / name}: cannot write: File too large"
+    # it landed inside the stage: the stage before it is whole, this one started and did not finish
+    assert (out / "instructions_A.jsonl").read_bytes() == (reference_run / "instructions_A.jsonl").read_bytes()
+    assert (out / name).read_bytes() == full[:first + 20]  # a torn batch, cut by the kernel
+    assert not (out / "dataset.jsonl").exists()
     r = cli("generate", "-c", CI, "--out", out)
     assert r.returncode == 0, r.stderr[-2000:]
-    for name in ("instructions_A.jsonl", "instances_A.jsonl", "dataset.jsonl"):
-        assert (out / name).read_bytes() == (reference_run / name).read_bytes(), name
+    for f in sorted(reference_run.glob("*.jsonl")):
+        assert (out / f.name).read_bytes() == f.read_bytes(), f.name
 
 
 @pytest.mark.models

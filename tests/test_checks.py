@@ -219,7 +219,6 @@ def server():
 
 
 def server_backend(tmp_path, port, fmt="plain"):
-    pytest.importorskip("httpx")
     from ensemble_instruct.backends import load_backend
 
     card = tmp_path / "server.toml"
@@ -234,6 +233,7 @@ def server_backend(tmp_path, port, fmt="plain"):
     ('{"choices": []}', "but JSON without 'choices'"),
     ('["a list"]', "but JSON without 'choices'"),
 ])
+@pytest.mark.models  # the openai backend needs httpx (the server extra), not in the core install
 def test_server_answering_200_without_a_completion(tmp_path, server, answer, what):
     from ensemble_instruct.backends import Decoding
     from ensemble_instruct.errors import BadResponse
@@ -247,6 +247,7 @@ def test_server_answering_200_without_a_completion(tmp_path, server, answer, wha
                                    f"HTTP 200 {what}")
 
 
+@pytest.mark.models  # httpx, as above
 def test_server_chat_format_and_context_overflow(tmp_path, server):
     from ensemble_instruct.backends import Decoding
 

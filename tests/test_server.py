@@ -9,8 +9,6 @@ import time
 
 import pytest
 
-httpx = pytest.importorskip("httpx")  # the server extra; the rest of the suite runs without it
-
 from conftest import ROOT
 from ensemble_instruct.backends import Decoding, load_backend
 from ensemble_instruct.config import load_card, resolve_weights
@@ -31,6 +29,8 @@ class Server:
         self.model, self.port, self.proc = resolve_weights(card, path), port, None
 
     def start(self):
+        import httpx  # the server extra: imported here so the module collects without it (-m "not models")
+
         self.proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(self.model),
                                       "--model_alias", "smollm2-135m", "--n_ctx", "8192", "--n_threads", "1",
                                       "--host", "127.0.0.1", "--port", str(self.port)],
@@ -44,9 +44,9 @@ class Server:
                 time.sleep(0.2)
         raise RuntimeError("server did not start")
 
-    def kill(self):
+    def kill(self) -> int:
         self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
+        return self.proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,8 @@ def test_greedy_stage_equals_in_process_llama_cpp_and_resume_after_server_death(
     deadline = time.time() + 600
     while not (target.exists() and target.read_bytes().count(b"\n") >= 2) and time.time() < deadline:
         time.sleep(0.02)
-    server.kill()
+    assert p.poll() is None  # the run still needs the server: it dies mid-stage, not after the run
+    assert server.kill() == -signal.SIGKILL  # it was still serving when killed
     _, err = p.communicate(timeout=300)
     assert p.returncode == 2, err[-2000:]
     # reported once, at once: a refused connection is not retried for minutes
@@ -156,9 +157,12 @@ def test_two_servers_one_dies_mid_stage(server, tmp_path):
     deadline = time.time() + 600
     while not (target.exists() and target.read_bytes().count(b"\n") >= 1) and time.time() < deadline:
         time.sleep(0.02)
-    second.kill()
+    at_kill = target.read_bytes().count(b"\n")
+    assert p.poll() is None  # the run still needs the servers: one dies mid-stage
+    assert second.kill() == -signal.SIGKILL
     _, err = p.communicate(timeout=900)
     assert p.returncode == 0, err[-2000:]
+    assert 1 <= at_kill < len(lines(target))  # the stage was not done when the second server died
     for typ in "AB":
         via = lines(run / f"outputs_smollm2-135m-server_{typ}.jsonl")
         assert via and [x["output"] for x in via] == [x["output"] for x in lines(run / f"outputs_smollm2-135m_{typ}.jsonl")]

@@ -1,6 +1,6 @@
 """Against a real vLLM server (`make test-vllm` starts it with scripts/vllm.sh and stops it after).
-Not part of `make test`: these need the separate vLLM venv and several minutes. They fail, never
-skip, when the server is not there."""
+Not part of `make test`: these need the separate vLLM venv and several minutes. A server that is
+not there is a failure."""
 import json
 import os
 import signal
@@ -70,8 +70,9 @@ def test_sigkill_mid_stage_then_resume(ref, tmp_path, target, lines):
         if f.exists() and f.read_bytes().count(b"\n") >= lines:
             break
         time.sleep(0.01)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    p.send_signal(signal.SIGKILL)  # does nothing if the run already exited: then wait() is 0, not -9
+    assert p.wait() == -signal.SIGKILL, "the run ended before the kill"
+    assert (run / target).exists() and not (run / "dataset.jsonl").exists()  # killed mid-run
     r = subprocess.run(generate(run), capture_output=True, text=True, env=ENV, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     assert files(run) == files(ref)
