@@ -74,7 +74,8 @@ class ModelCard(Strict):
     # llama.cpp: requests scheduled together (continuous batching inside, fixed boundaries; default
     # 8 x parallel: a window ends with a tail where few slots are live); a kill redoes at most one
     window: Optional[int] = Field(None, ge=1)
-    kv: Literal["split", "unified"] = "split"  # llama.cpp KV layout (backends/llamacpp.py)
+    # llama.cpp KV layout (backends/llamacpp.py): auto = unified for requests that share a prefix
+    kv: Literal["auto", "split", "unified"] = "auto"
     batch_size: int = Field(1, ge=1)  # transformers: prompts per generate() call
     # extra-output stage, for this model: its own prompt template (a file in the templates folder;
     # a base model needs a cue to answer) and stop strings added to [outputs] stop

@@ -93,29 +93,51 @@ class LlamaCppBackend(Backend):
         if not self.model:  # a broken file, or no room for the layers sent to the GPU
             raise UserError(f"{path}: llama.cpp could not load the model (if the GPU is full: "
                             f"fewer gpu_layers than {card.gpu_layers} on the card)")
-        self.ctx = self.batch = None
+        self.threads, self.ctx, self.batch, self.layout = threads, None, None, None
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.add_bos = llama_cpp.llama_vocab_get_add_bos(self.vocab)
+        self._piece = ctypes.create_string_buffer(PIECE_BYTES)
+        self._chat_template = llama_cpp.llama_model_chat_template(self.model, None) if card.prompt_format == "chat" else None
+        # A sliding-window model (Gemma 3) in a unified cache: llama.cpp reuses cells that fell out
+        # of the window, so where a window's tokens land would depend on earlier windows.
+        self.swa = llama_cpp.llama_model_n_swa(self.model) > 0
         try:
-            self._init_context(card, path, threads)
+            if card.prompt_format == "chat" and not self._chat_template:
+                raise UserError(f"{path}: the card asks for the chat format, but the GGUF has no chat template")
+            self._use_layout(self.layout_for(None))
         except BaseException:
             self.close()
             raise
 
-    def _init_context(self, card: ModelCard, path: Path, threads: int) -> None:
-        L = self.L
-        self.vocab = L.llama_model_get_vocab(self.model)
-        self._chat_template = L.llama_model_chat_template(self.model, None) if card.prompt_format == "chat" else None
-        if card.prompt_format == "chat" and not self._chat_template:
-            raise UserError(f"{path}: the card asks for the chat format, but the GGUF has no chat template")
-        # A sliding-window model (Gemma 3) in a unified cache: llama.cpp reuses cells that fell out
-        # of the window, so where a window's tokens land would depend on earlier windows.
-        self.layout = "split" if L.llama_model_n_swa(self.model) > 0 else card.kv
+    def layout_for(self, prefix: str | None) -> str:
+        """The KV layout for requests with (or without) a shared prefix. "auto" (measured on the
+        CPU, see the README): one shared stream when they share a prefix, stored once and mixed
+        freely into each pass; a stream per sequence otherwise, whose attention scans only its
+        own cells."""
+        if self.swa:
+            return "split"
+        if self.card.kv != "auto":
+            return self.card.kv
+        return "unified" if prefix and self.reuse_prefix and self._chat_template is None else "split"
+
+    def _use_layout(self, layout: str) -> None:
+        """(Re)create the context in this KV layout: at load and when a stage needs the other
+        layout, so a window always starts from a fresh cache, on a rerun as on a resume."""
+        if layout == self.layout:
+            return
+        L, card = self.L, self.card
+        if self.ctx:
+            L.llama_batch_free(self.batch)
+            L.llama_free(self.ctx)
+            self.ctx = self.batch = None
+        self.layout = layout
         self.prefix_seq = self.parallel  # the sequence that holds the cached prefix
         n_seq = self.parallel + 1
         cp = L.llama_context_default_params()
         cp.n_ctx = card.context * n_seq  # split: each sequence gets card.context
         cp.n_batch, cp.n_ubatch = N_BATCH, N_UBATCH
         cp.n_seq_max = n_seq
-        cp.n_threads = cp.n_threads_batch = threads
+        cp.n_threads = cp.n_threads_batch = self.threads
         cp.kv_unified = self.layout == "unified"
         cp.swa_full = True  # sliding-window models: keep every position, so a prefix can be copied
         cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED  # bitwise-equal reuse needs it off
@@ -127,9 +149,7 @@ class LlamaCppBackend(Backend):
                               "parallel, context or gpu_layers on the card")
         self.mem = L.llama_get_memory(self.ctx)
         self.batch = L.llama_batch_init(N_BATCH, 0, 1)
-        self.add_bos = L.llama_vocab_get_add_bos(self.vocab)
         self.prefix_tokens: list[int] = []  # what the prefix sequence holds
-        self._piece = ctypes.create_string_buffer(PIECE_BYTES)
 
     # ------------------------------------------------------------ text <-> tokens
 
@@ -244,6 +264,7 @@ class LlamaCppBackend(Backend):
 
     def stream(self, prompts: list[str], params: Decoding, seeds: list[int],
                prefix: str | None = None) -> Iterator[Completion]:
+        self._use_layout(self.layout_for(prefix))
         for i in range(0, len(prompts), self.window):
             yield from self._window(prompts[i:i + self.window], params, seeds[i:i + self.window], prefix)
 
