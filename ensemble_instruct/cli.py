@@ -191,6 +191,26 @@ def evaluate(
 
 
 @app.command()
+def finetune(
+    run_dir: Path = typer.Argument(..., help="A finished run directory (its dataset.jsonl is the training data)."),
+    base: str = typer.Option(..., "--base", help="Card of the model to tune (transformers, or a GGUF card)."),
+    out: Path = typer.Option(..., "--out", help="Folder for the adapter, merged weights, card.toml, logs. "
+                             "An unfinished one is resumed."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="A config with a [finetune] section "
+                                          "(default: the section's defaults, for a 24 GB GPU; CPU: -c finetune-cpu)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N optimizer steps."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Adapter initialisation and data order."),
+):
+    """LoRA (QLoRA on a CUDA GPU) on a run's kept examples; writes OUT/card.toml for the tuned model."""
+    from .config import Config, find_config, load_config
+    from .finetune import finetune as train
+
+    cfg = load_config(find_config(config)) if config is not None else Config(generator="-", extra=["-", "-"])
+    card = train(run_dir, base, out, cfg.finetune, cfg.path(cfg.templates_dir), max_steps, seed)
+    typer.echo(f"tuned model: {card} (python run.py evaluate --models {base} {card} --tasks user-oriented)")
+
+
+@app.command()
 def report(run_dir: Path = typer.Argument(..., help="A run directory."),
            sample: int = typer.Option(5, help="Kept and dropped examples to show.")):
     """Write RUN_DIR/report/: report.md, a self-contained report.html, and PNG plots."""
