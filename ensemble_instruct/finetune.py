@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -289,6 +290,9 @@ def train(card: ModelCard, folder: Path, kind: str, examples: list[dict], out: P
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    threads = int(os.environ.get("ENSEMBLE_INSTRUCT_THREADS", "0") or 0)  # as the llama.cpp backend
+    if threads:
+        torch.set_num_threads(threads)
     cuda = torch.cuda.is_available()
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     if tok.pad_token is None:
