@@ -327,7 +327,7 @@ def train(card: ModelCard, folder: Path, kind: str, examples: list[dict], out: P
         torch.set_rng_state(state["rng"])  # dropout goes on as if the run had never stopped
         step = state["step"]
     # steps after the checkpoint are trained again: their log lines go
-    write_jsonl(log, [r for r in read_jsonl(log, "user") if r["step"] <= step] if log.exists() else [])
+    write_jsonl(log, [r for r in read_jsonl(log, "run") if r["step"] <= step] if log.exists() else [])
     model.train()
     device = next(p.device for p in params)
     with _progress(total, step) as bar:
