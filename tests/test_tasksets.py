@@ -70,3 +70,15 @@ def test_superni_sample_script_and_tasks_superni(tmp_path):
     assert r.returncode == 0, r.stderr
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["rows"] == 10 and all(m["exact"] == 1.0 for m in metrics["models"].values())
+
+
+def test_evaluate_models_refuses_bad_combinations_before_loading(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, str(ROOT / "run.py"), "evaluate", *map(str, args)],
+                              capture_output=True, text=True, timeout=120)
+    r = run("--models", "smollm2-135m-hf", "smollm2-135m-hf", "--tasks", "user-oriented", "--out", tmp_path / "e")
+    assert r.returncode == 2 and "two cards are named 'smollm2-135m-hf'" in r.stderr and len(r.stderr.splitlines()) == 1
+    r = run("--models", "smollm2-135m-hf", "--outputs", "a.jsonl", "--out", tmp_path / "e")
+    assert r.returncode == 2 and "not both" in r.stderr
+    r = run("--models", "smollm2-135m-hf", "--tasks", "nonesuch", "--out", tmp_path / "e")
+    assert r.returncode == 2 and "user-oriented, superni" in r.stderr
