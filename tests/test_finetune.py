@@ -16,7 +16,8 @@ from conftest import ROOT
 pytestmark = pytest.mark.models
 
 BASE = ROOT / "quantized" / "smollm2-135m-hf.toml"
-ENV = {**os.environ, "ENSEMBLE_INSTRUCT_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+# one thread: the same adapter bytes in every run, and no thread thrashing on a busy CI machine
+ENV = {**os.environ, "ENSEMBLE_INSTRUCT_THREADS": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 EXAMPLES = [("Give a synonym of the word.", "happy", "joyful"), ("Reverse the word.", "stop", "pots"),
             ("Name three primary colors.", "", "Red, blue and yellow."), ("Add the two numbers.", "2 and 3", "5"),
             ("What is the capital of the country?", "Italy", "Rome"),
