@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -201,14 +202,14 @@ def write_card(out: Path, base: ModelCard, name: str) -> Path:
     return out / "card.toml"
 
 
-def card_name(base: ModelCard, out: Path) -> str:
+def card_name(out: Path) -> str:
     """The tuned model's name: the output folder's, so two fine-tunes of one base differ."""
-    return tasksets.slug(out.resolve().name)
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", out.resolve().name).strip("-") or "tuned"
 
 
 # ---------------------------------------------------------------- training
 
-def _progress(total: int, done: int):
+def _progress():
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
@@ -256,7 +257,7 @@ def finetune(run_dir: Path, base: str, out: Path, cfg: FinetuneCfg, templates_di
     manifest["train_s"] = round(manifest.get("train_s", 0) + time.perf_counter() - t0, 1)
     write_json(manifest_path, manifest)
     merge(card, folder, kind, out, cfg)
-    path = write_card(out, card, card_name(card, out))
+    path = write_card(out, card, card_name(out))
     manifest.update(finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), card=str(path))
     write_json(manifest_path, manifest)
     shutil.rmtree(out / "checkpoint", ignore_errors=True)
@@ -330,7 +331,7 @@ def train(card: ModelCard, folder: Path, kind: str, examples: list[dict], out: P
     write_jsonl(log, [r for r in read_jsonl(log, "run") if r["step"] <= step] if log.exists() else [])
     model.train()
     device = next(p.device for p in params)
-    with _progress(total, step) as bar:
+    with _progress() as bar:
         task = bar.add_task("finetune", total=total, completed=step, loss="")
         while step < total:
             loss_sum = 0.0

@@ -9,7 +9,6 @@ Every set becomes the same records: id, instruction, input, output (gold).
 """
 from __future__ import annotations
 
-import re
 from .config import CACHE, ROOT
 from .errors import UserError
 from .similarity import rouge_matrix, tokenize
@@ -80,10 +79,6 @@ def contaminated(examples: list[dict], tasks: list[dict]) -> list[dict]:
             hits.append({"index": k, "instruction": e["instruction"], "task": shared, "why": f"{NGRAM}-gram",
                          "rouge_l": round(float(R[k, j]), 4)})
     return hits
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "tasks"
 
 
 def for_decontamination() -> tuple[list[dict], list[str]]:
