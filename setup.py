@@ -1,4 +1,4 @@
-"""Ships the data folders (configs/, quantized/, templates/, seeds/) inside the package.
+"""Ships the data folders (configs/, quantized/, templates/, seeds/, tasks/) inside the package.
 
 They stay at the top of the repository, where users edit them; the build copies them into
 ensemble_instruct/_data, which `config.ROOT` points at when the package runs from an install.
@@ -10,7 +10,7 @@ from pathlib import Path
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
-DATA = {"configs": "*.toml", "quantized": "*.toml", "templates": "*", "seeds": "*.jsonl"}
+DATA = {"configs": "*.toml", "quantized": "*.toml", "templates": "*", "seeds": "*.jsonl", "tasks": "*.jsonl"}
 
 
 class build_py_with_data(build_py):

@@ -147,11 +147,14 @@ def ensemble(
 
 @app.command()
 def evaluate(
-    tasks: Optional[Path] = typer.Option(None, "--tasks", help="JSONL with instruction, input, gold output, optional "
-                                         "id (default: the 175 seed tasks; the first instance's output is gold)."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="JSONL with instruction, input, gold output, optional "
+                                        "id; or user-oriented (Self-Instruct's 252, bundled) or superni (see "
+                                        "scripts/superni_sample.py). Default: the 175 seed tasks."),
+    models: Optional[List[str]] = typer.Option(None, "--models", help="Cards to answer the tasks: --models CARD "
+                                               "[CARD ...] (e.g. a base and its fine-tuned card.toml)."),
     outputs: Optional[List[Path]] = typer.Option(None, "--outputs", help="Precomputed answers: --outputs F1 F2 F3 ... "
                                                  "(JSONL with output, optional id), instead of running the models."),
-    more: Optional[List[Path]] = typer.Argument(None, hidden=True, metavar="MORE_OUTPUTS"),  # --outputs F1 F2 F3
+    more: Optional[List[Path]] = typer.Argument(None, hidden=True, metavar="MORE"),  # --outputs F1 F2 F3, --models A B
     config: Optional[Path] = CONFIG,
     out: Optional[Path] = typer.Option(None, "--out", help="Evaluation directory (default: runs/evaluate-<config>, "
                                        "or runs/evaluate with --outputs). Model answers there are resumed."),
@@ -161,20 +164,32 @@ def evaluate(
 ):
     """Measure the ensemble on tasks with gold answers: each model, each selection rule, a threshold sweep."""
     from . import evaluate as ev
+    from . import tasksets
     from .config import ROOT, Config, load_config
 
-    files = [*(outputs or []), *(more or [])]
-    if more and not outputs:
-        raise UserError("unexpected arguments: answer files go after --outputs")
-    if tasks is not None and not tasks.is_file():
-        raise UserError(f"{tasks}: file not found")
+    if outputs and models:
+        raise UserError("give --outputs (answers made elsewhere) or --models (cards to run), not both")
+    files = [*(outputs or []), *(more or [])] if not models else []
+    cards = [*models, *map(str, more or [])] if models else []
+    if more and not (outputs or models):
+        raise UserError("unexpected arguments: answer files go after --outputs, cards after --models")
+    if tasks is not None and tasks not in tasksets.NAMES and not Path(tasks).is_file():
+        raise UserError(f"{tasks}: file not found (or a task set: {', '.join(tasksets.NAMES)})")
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1, got {limit}")
     if threshold is not None and not 0 <= threshold < 1:  # before any model is loaded
         raise UserError(f"--threshold must be in [0, 1), got {threshold}")
-    all_tasks, tasks_name = ev.load_tasks(tasks)
+    all_tasks, tasks_name = tasksets.load(tasks) if tasks in tasksets.NAMES else \
+        ev.load_tasks(Path(tasks) if tasks else None)
     task_list = all_tasks[:limit] if limit else all_tasks
-    if files:
+    if cards:  # any number of models, e.g. a base and its fine-tuned versions
+        if config is not None and not config.is_file():
+            raise UserError(f"{config}: config file not found")
+        cfg = load_config(config) if config else Config(generator="-", extra=["-", "-"])
+        out = out or ROOT / "runs" / "evaluate-models"
+        run, pairs = ev.open_models(out, cfg, cards)
+        names, cands = ev.answer_with_models(run, all_tasks, tasks_name, force, limit, models=pairs)
+    elif files:
         if config is not None and not config.is_file():
             raise UserError(f"{config}: config file not found")
         cfg = load_config(config) if config else Config(generator="-", extra=["-", "-"])
@@ -188,6 +203,26 @@ def evaluate(
     threshold = cfg.ensemble.threshold if threshold is None else threshold
     ev.run_evaluation(out, task_list, tasks_name, names, cands, threshold, cfg.ensemble.quorum, cfg.ensemble.rule)
     typer.echo(f"report: {out / 'report.md'}, {out / 'report.html'}")
+
+
+@app.command()
+def finetune(
+    run_dir: Path = typer.Argument(..., help="A finished run directory (its dataset.jsonl is the training data)."),
+    base: str = typer.Option(..., "--base", help="Card of the model to tune (transformers, or a GGUF card)."),
+    out: Path = typer.Option(..., "--out", help="Folder for the adapter, merged weights, card.toml, logs. "
+                             "An unfinished one is resumed."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="A config with a [finetune] section "
+                                          "(default: the section's defaults, for a 24 GB GPU; CPU: -c finetune-cpu)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N optimizer steps."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Adapter initialisation and data order."),
+):
+    """LoRA (QLoRA on a CUDA GPU) on a run's kept examples; writes OUT/card.toml for the tuned model."""
+    from .config import Config, find_config, load_config
+    from .finetune import finetune as train
+
+    cfg = load_config(find_config(config)) if config is not None else Config(generator="-", extra=["-", "-"])
+    card = train(run_dir, base, out, cfg.finetune, cfg.path(cfg.templates_dir), max_steps, seed)
+    typer.echo(f"tuned model: {card} (python run.py evaluate --models {base} {card} --tasks user-oriented)")
 
 
 @app.command()

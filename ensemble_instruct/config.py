@@ -147,6 +147,26 @@ class EnsembleCfg(Strict):
     quorum: int = Field(0, ge=0)  # quorum rule: agreeing candidates needed (0 = a majority)
 
 
+class FinetuneCfg(Strict):
+    """`run.py finetune`: LoRA (QLoRA on a CUDA GPU) on a run's kept examples. The defaults suit a
+    7-13B base on a 24 GB card; configs/finetune-cpu.toml suits the tiny models on a CPU."""
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    learning_rate: float = Field(2e-4, gt=0)
+    epochs: int = Field(3, ge=1)
+    max_steps: int = Field(0, ge=0)  # optimizer steps; 0 = as many as `epochs` take
+    batch_size: int = Field(4, ge=1)  # examples per forward pass
+    grad_accum: int = Field(4, ge=1)  # forward passes per optimizer step
+    max_length: int = Field(1024, ge=16)  # prompt + answer tokens; longer answers are cut
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    save_every: int = Field(25, ge=1)  # optimizer steps between checkpoints (a killed run resumes there)
+    qlora: bool = True  # on a CUDA GPU: the base in bitsandbytes 4-bit nf4; on a CPU always plain LoRA
+    seed: int = 0
+
+
 class Config(Strict):
     seed: int = 0
     seeds_file: str = "seeds/seed_tasks.jsonl"
@@ -157,6 +177,8 @@ class Config(Strict):
     instances: InstancesCfg = InstancesCfg()
     outputs: OutputsCfg = OutputsCfg()
     ensemble: EnsembleCfg = EnsembleCfg()
+    # not part of a generation run's fingerprint: fine-tuning settings never block resuming a run
+    finetune: FinetuneCfg = Field(FinetuneCfg(), exclude=True)
 
     _dir: Optional[Path] = PrivateAttr(None)  # the config file's folder
 

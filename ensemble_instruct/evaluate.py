@@ -132,7 +132,9 @@ def measure(names: list[str], gold: list[str], candidates: list[list[str]], thre
               "models": {m: {"rouge_l": float(R[:, i].mean()), "exact": float(E[:, i].mean())}
                          for i, m in enumerate(names)},
               "rules": {}, "sweep": {}}
-    for rule, scored in (scores or score_all(candidates, quorum)).items():
+    if scores is None:  # fewer than 3 models: no selection rule has candidates to choose among
+        scores = score_all(candidates, quorum) if len(names) >= 3 else {}
+    for rule, scored in scores.items():
         result["rules"][rule] = rule_numbers(R, scored, rules.kept_mask(scored, candidates, threshold), names)
         result["sweep"][rule] = [{"threshold": t, **{k: v for k, v in rule_numbers(
             R, scored, rules.kept_mask(scored, candidates, t), names).items()
@@ -154,9 +156,10 @@ def row_records(tasks: list[dict], names: list[str], candidates: list[list[str]]
 # ---------------------------------------------------------------- answering with models
 
 def answer_with_models(run, tasks: list[dict], tasks_name: str, force: bool = False,
-                       limit: int | None = None) -> tuple[list[str], list[list[str]]]:
-    """The generator and each extra model answer every task (the first `limit`) zero-shot, one
-    model loaded at a time, into RUN/answers_<model>.jsonl; a rerun skips what is on disk."""
+                       limit: int | None = None, models: list | None = None) -> tuple[list[str], list[list[str]]]:
+    """The generator and each extra model (or `models`: any number of (card, path)) answer every
+    task (the first `limit`) zero-shot, one model loaded at a time, into RUN/answers_<model>.jsonl;
+    a rerun skips what is on disk."""
     from .runner import loaded, stop_on_ctrl_c
     from .stages.outputs import answer
 
@@ -167,13 +170,14 @@ def answer_with_models(run, tasks: list[dict], tasks_name: str, force: bool = Fa
         raise UserError(f"{run.dir} holds answers to other tasks ({old.get('tasks')}); use a new --out, or --force")
     run.manifest["evaluate"] = tag
     run.save_manifest()
-    models, seen = [], set()
-    for card, path in [run.generator, *run.extras]:
-        if card.name not in seen:
-            seen.add(card.name)
-            models.append((card, path))
-    if len(models) < 3:
-        raise UserError(f"evaluate needs at least 3 different models in the config, got {len(models)}")
+    if models is None:
+        models, seen = [], set()
+        for card, path in [run.generator, *run.extras]:
+            if card.name not in seen:
+                seen.add(card.name)
+                models.append((card, path))
+        if len(models) < 3:
+            raise UserError(f"evaluate needs at least 3 different models in the config, got {len(models)}")
     with stop_on_ctrl_c(run):
         for card, path in models:
             out = run.file(f"answers_{card.name}.jsonl")
@@ -190,6 +194,34 @@ def answer_with_models(run, tasks: list[dict], tasks_name: str, force: bool = Fa
                  for r in run.read(run.file(f"answers_{card.name}.jsonl"))}
         cols.append([table[t["id"]] for t in tasks])
     return [c.name for c, _ in models], [list(x) for x in zip(*cols)]
+
+
+def open_models(out: Path, cfg, cards: list[str]):
+    """An evaluation directory for `--models CARD ...` (a base and its tuned versions side by side):
+    every card checked before any loads; the directory locked like a run's."""
+    import time
+
+    from .backends import check_installed, preflight
+    from .config import check_weights, load_card
+    from .rundir import Run, lock
+
+    models = [load_card(c) for c in cards]
+    names = [c.name for c, _ in models]
+    if len(set(names)) < len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise UserError(f"--models: two cards are named {dup!r}; each model needs its own name")
+    for card, path in models:
+        check_installed(card, path)
+        check_weights(card, path)
+        preflight(card, path)
+    out.mkdir(parents=True, exist_ok=True)
+    lock(out)
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError):
+        manifest = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "timings": {}, "events": []}
+    manifest["models"] = {c.name: str(p) for c, p in models}
+    return Run(out, cfg, models[0], models[1:], {}, manifest), models
 
 
 def _tasks_hash(tasks: list[dict]) -> str:
@@ -218,7 +250,7 @@ def tables(result: dict, configured: str) -> list[tuple[str, list[str], list[lis
     dropped = ("Each model on the dropped rows (ROUGE-L vs gold)", ["rule", "dropped", *names, "vote weights"],
                [[r, str(result["rows"] - v["kept"]), *(_f(v["models_dropped"][m]) for m in names),
                  ", ".join(f"{m} {w:.2f}" for m, w in v["weights"].items())] for r, v in result["rules"].items()])
-    return [models, kept, dropped]
+    return [models, kept, dropped] if result["rules"] else [models]
 
 
 def print_terminal(result: dict, configured: str) -> None:
@@ -242,6 +274,8 @@ def _plots(out: Path, result: dict) -> list[tuple[str, str]]:
     import matplotlib.pyplot as plt
 
     plots = []
+    if not result["rules"]:  # one or two models: no sweep
+        return _model_plot(out, result, plt, plots)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for rule, points in result["sweep"].items():
         pts = [p for p in points if p["pick"] is not None]
@@ -259,7 +293,10 @@ def _plots(out: Path, result: dict) -> list[tuple[str, str]]:
     fig.savefig(out / "sweep.png", dpi=110)
     plt.close(fig)
     plots.append(("sweep.png", "Threshold sweep"))
+    return _model_plot(out, result, plt, plots)
 
+
+def _model_plot(out: Path, result: dict, plt, plots: list) -> list[tuple[str, str]]:
     names = list(result["models"])
     fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(names) + 2), 3.5))
     x = np.arange(len(names))
@@ -293,7 +330,7 @@ def write_report(out: Path, result: dict, configured: str, tasks_name: str) -> N
           *(f"- `{r}`: {rules.HELP[r]}" for r in result["rules"]), ""]
     for title, header, rows in tables(result, configured):
         md += [f"## {title}", "", md_table(header, rows), ""]
-    md += ["## Threshold sweep", "",
+    md += [] if not result["rules"] else ["## Threshold sweep", "",
            md_table(["rule", "threshold", "kept", "pick", "best single", "oracle"],
                   [[r, f"{p['threshold']:g}", f"{100 * p['kept_fraction']:.0f}%", _f(p["pick"]),
                     _f(p["best_single"]), _f(p["oracle"])] for r, pts in result["sweep"].items() for p in pts]), ""]
@@ -305,7 +342,8 @@ def write_report(out: Path, result: dict, configured: str, tasks_name: str) -> N
 
 def run_evaluation(out: Path, tasks: list[dict], tasks_name: str, names: list[str], candidates: list[list[str]],
                    threshold: float, quorum: int, configured: str) -> dict:
-    scores = score_all(candidates, quorum)  # each rule scores the rows once; thresholds come after
+    # each rule scores the rows once; thresholds come after. Rules need 3+ candidates.
+    scores = score_all(candidates, quorum) if len(names) >= 3 else {}
     result = measure(names, [t["output"] for t in tasks], candidates, threshold, quorum, scores=scores)
     result["configured_rule"] = configured
     write_report(out, result, configured, tasks_name)

@@ -32,7 +32,8 @@ def wheel(tmp_path_factory):
 
 def test_wheel_ships_configs_cards_templates_seeds_and_the_command(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
-    for folder, pattern in (("configs", "*.toml"), ("quantized", "*.toml"), ("templates", "*.txt"), ("seeds", "*.jsonl")):
+    for folder, pattern in (("configs", "*.toml"), ("quantized", "*.toml"), ("templates", "*.txt"), ("seeds", "*.jsonl"),
+                            ("tasks", "*.jsonl")):
         expected = {f"ensemble_instruct/_data/{folder}/{p.name}" for p in (ROOT / folder).glob(pattern)}
         assert expected and expected <= names, folder
     entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
