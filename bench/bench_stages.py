@@ -9,7 +9,7 @@ stay live. Prints each
 stage's share of its ceiling next to the targets (instances >= 0.55, extra outputs >= 0.5),
 the total stage time and the kept count.
 
-    python bench/bench_stages.py [-c configs/default.toml] [--run DIR]
+    python bench/bench_stages.py [-c configs/default.toml] [--run DIR | --out DIR]
 """
 import argparse
 import json
@@ -48,13 +48,17 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("-c", "--config", default=str(ROOT / "configs" / "default.toml"))
     ap.add_argument("--run", help="a finished run directory to read instead of generating one")
+    ap.add_argument("--out", help="generate into this folder and keep it (default: a temporary one)")
     args = ap.parse_args()
     tmp = None
     if args.run:
         run, wall = Path(args.run), None
     else:
-        tmp = tempfile.TemporaryDirectory()
-        run = Path(tmp.name) / "run"
+        if args.out:
+            run = Path(args.out)
+        else:
+            tmp = tempfile.TemporaryDirectory()
+            run = Path(tmp.name) / "run"
         t0 = time.perf_counter()
         subprocess.run([sys.executable, str(ROOT / "run.py"), "generate", "-c", args.config, "--out", str(run)],
                        check=True, stdout=subprocess.DEVNULL)
