@@ -299,6 +299,7 @@ def test_second_ctrl_c_stops_at_once_and_loses_nothing_finished(tmp_path):
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                          env={**os.environ, "INJECT_FAKE": "1", "INJECT_DELAY": "2"})
     _wait_for_lines(out / "instructions_A.jsonl", 2, p)
+    time.sleep(0.5)  # into the next window's 2 s: a first Ctrl-C right after a write would stop there (130)
     p.send_signal(signal.SIGINT)
     time.sleep(0.3)
     p.send_signal(signal.SIGINT)
