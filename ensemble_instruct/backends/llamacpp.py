@@ -118,7 +118,7 @@ class LlamaCppBackend(Backend):
             return "split"
         if self.card.kv != "auto":
             return self.card.kv
-        return "unified" if prefix and self.reuse_prefix and self._chat_template is None else "split"
+        return "unified" if prefix and self._chat_template is None else "split"
 
     def _use_layout(self, layout: str) -> None:
         """(Re)create the context in this KV layout: at load and when a stage needs the other
