@@ -3,14 +3,15 @@
 What the high-level `Llama` class cannot do, and what makes generation several times faster:
 - **Prefix reuse.** A prompt that starts with a fixed few-shot prefix starts from that prefix's KV
   state (computed once per model load, kept in its own sequence) instead of evaluating it again.
-- **Continuous batching in windows.** Requests come in windows of `window` (fixed boundaries, set
-  by the caller). A window's requests are decoded with `parallel` slots; when a sequence ends, the
+- **Continuous batching in windows.** Requests come in windows of `window` (card setting; the
+  caller keeps window boundaries fixed). A window's requests are decoded with `parallel` slots; when a sequence ends, the
   next request of the window takes its slot at once, and its prompt is evaluated in the same
   `llama_decode` call as the other slots' next tokens. So slots stay busy until the window's last
   requests, and the schedule (which tokens share a call) is a pure function of the window's
   requests: a rerun, or a resume that redoes the window, gives the same bytes.
 
-Two KV layouts (card setting `kv`):
+Two KV layouts (card setting `kv`; "auto" picks unified for requests that share a prefix, split
+for the others, and recreates the context when a stage needs the other one):
 - "unified": one KV stream for all sequences; the prefix is stored once and shared by every slot
   (`llama_memory_seq_cp` adds the slot to the prefix cells), and a call may mix any slots' tokens in
   one pass over the weights. Attention scans every used cell, all slots' included.
