@@ -165,10 +165,9 @@ def run_batches(run: Run, backend: Backend, *, key: str, where: str, path: Path,
             for (i, it), (_, seed), c in zip(pending, reqs, completions):
                 meter.add([c])
                 window.append((it, seed, c))
+                advance(it["id"] not in done, [c])  # progress as requests finish; the file per window
                 if (i + 1) % w == 0 or i + 1 == len(todo):  # the window's last request
-                    records = [record(it, s, c) for it, s, c in window if it["id"] not in done]
-                    append_jsonl(path, records)
-                    advance(len(records), [c for _, _, c in window])
+                    append_jsonl(path, [record(it, s, c) for it, s, c in window if it["id"] not in done])
                     window = []
                     check_stop(run, where)
         finally:
