@@ -123,7 +123,7 @@ def stop_on_ctrl_c(run: Run):
     progress is lost and generated again on resume; everything appended before stays)."""
     def handler(signum, frame):
         if run.stop_requested:
-            raise StopNow(f"stopped at once; every finished batch is on disk in {run.dir}. "
+            raise StopNow(f"stopped at once; every finished window is on disk in {run.dir}. "
                           f"Resume with: python run.py generate --out {run.dir}")
         run.stop_requested = True
         print("\nstopping after the current window (Ctrl-C again to stop at once)...", file=sys.stderr)
