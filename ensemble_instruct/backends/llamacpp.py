@@ -37,7 +37,7 @@ from typing import Iterator
 from ..config import ModelCard, check_gguf, resolve_weights
 from ..errors import OutOfMemory, UserError
 from ..parsing import repetitive
-from . import LOOP_EVERY, LOOP_MIN, Backend, Completion, Decoding, stop_at, too_long
+from . import LOOP_EVERY, LOOP_MIN, Backend, Completion, Decoding, kv_cells, stop_at, too_long
 
 N_UBATCH = 512  # tokens per pass over the weights (llama.cpp's micro-batch)
 N_BATCH = 2048  # tokens per llama_decode call; a larger step is split into several calls
@@ -94,7 +94,7 @@ class LlamaCppBackend(Backend):
         if not self.model:  # a broken file, or no room for the layers sent to the GPU
             raise UserError(f"{path}: llama.cpp could not load the model (if the GPU is full: "
                             f"fewer gpu_layers than {card.gpu_layers} on the card)")
-        self.threads, self.ctx, self.batch, self.layout = threads, None, None, None
+        self.threads, self.ctx, self.batch, self.layout, self.n_ctx, self.n_seq = threads, None, None, None, 0, 0
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.add_bos = llama_cpp.llama_vocab_get_add_bos(self.vocab)
         self._piece = ctypes.create_string_buffer(PIECE_BYTES)
@@ -105,7 +105,6 @@ class LlamaCppBackend(Backend):
         try:
             if card.prompt_format == "chat" and not self._chat_template:
                 raise UserError(f"{path}: the card asks for the chat format, but the GGUF has no chat template")
-            self._use_layout(self.layout_for(None))
         except BaseException:
             self.close()
             raise
@@ -121,33 +120,42 @@ class LlamaCppBackend(Backend):
             return self.card.kv
         return "unified" if prefix and self._chat_template is None else "split"
 
-    def _use_layout(self, layout: str) -> None:
-        """(Re)create the context in this KV layout: at load and when a stage needs the other
-        layout, so a window always starts from a fresh cache, on a rerun as on a resume."""
-        if layout == self.layout:
+    def reserve(self, per_seq: int) -> None:
+        """A cache for `parallel` sequences of `per_seq` cells each, without a shared prefix (what
+        `models check` measures: the card's worst case). The cache only grows after this."""
+        layout = self.layout_for(None)
+        self._reserve(layout, *kv_cells(layout, self.parallel, 0, per_seq))
+
+    def _reserve(self, layout: str, cells: int, n_seq: int) -> None:
+        """A context in this KV layout with room for `cells` cells over `n_seq` sequences (see
+        `kv_cells`): sized to what the requests need, not parallel x context. The context is
+        recreated when the layout or the sequence count changes, or when it is too small; it never
+        shrinks. Results do not depend on the cache size (tested), only on its layout and on the
+        window, so a rerun and a resume, whose caches may have grown differently, agree."""
+        if layout == self.layout and n_seq == self.n_seq and cells <= self.n_ctx:
             return
         L, card = self.L, self.card
         if self.ctx:
             L.llama_batch_free(self.batch)
             L.llama_free(self.ctx)
             self.ctx = self.batch = None
-        self.layout = layout
+        self.layout, self.n_seq, self.n_ctx = layout, n_seq, 0
         self.prefix_seq = self.parallel  # the sequence that holds the cached prefix
-        n_seq = self.parallel + 1
         cp = L.llama_context_default_params()
-        cp.n_ctx = card.context * n_seq  # split: each sequence gets card.context
+        cp.n_ctx = cells  # split: n_seq streams of cells / n_seq each
         cp.n_batch, cp.n_ubatch = N_BATCH, N_UBATCH
         cp.n_seq_max = n_seq
         cp.n_threads = cp.n_threads_batch = self.threads
-        cp.kv_unified = self.layout == "unified"
+        cp.kv_unified = layout == "unified"
         cp.swa_full = True  # sliding-window models: keep every position, so a prefix can be copied
         cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED  # bitwise-equal reuse needs it off
         cp.no_perf = True
         self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
-            raise OutOfMemory(f"{card.name}: out of memory while loading: llama.cpp could not create a context of "
-                              f"{cp.n_ctx} tokens ({self.parallel} parallel sequences x {card.context}); lower "
-                              "parallel, context or gpu_layers on the card")
+            raise OutOfMemory(f"{card.name}: out of memory: llama.cpp could not create a context of {cells} "
+                              f"tokens ({self.parallel} parallel sequences); lower parallel, context or gpu_layers "
+                              "on the card (python run.py plan shows what fits)")
+        self.n_ctx = cells
         self.mem = L.llama_get_memory(self.ctx)
         self.batch = L.llama_batch_init(N_BATCH, 0, 1)
         self.prefix_tokens: list[int] = []  # what the prefix sequence holds
@@ -238,18 +246,16 @@ class LlamaCppBackend(Backend):
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         return chain
 
-    def _shared_prefix(self, prefix: str | None, prompts: list[list[int]]) -> int:
-        """Load the common *token* prefix of `prefix` and every prompt into the prefix sequence;
-        return its length. (A prefix tokenized alone can end differently than inside a prompt:
-        its trailing spaces and new lines merge with what follows.)
-
-        Without reuse (the test that reuse changes nothing) the cached prefix is dropped first:
-        with split streams every sequence then evaluates its whole prompt; in a unified cache,
-        where the prefix cells are shared by construction, the window computes them anew."""
-        if not self.reuse_prefix:
-            self._use_prefix([])
-        if not (prefix and self._chat_template is None and prompts) or (not self.reuse_prefix and self.layout == "split"):
-            return 0
+    def _common_prefix(self, prefix: str | None, prompts: list[list[int]]) -> list[int]:
+        """The common *token* prefix of `prefix` and every prompt: what the prefix sequence will
+        hold. (A prefix tokenized alone can end differently than inside a prompt: its trailing
+        spaces and new lines merge with what follows.) Empty without a prefix, for a chat model,
+        and without reuse in split streams (every sequence then evaluates its whole prompt; in a
+        unified cache the prefix cells are shared by construction, so each window computes them anew)."""
+        if not (prefix and self._chat_template is None and prompts):
+            return []
+        if not self.reuse_prefix and self.layout_for(prefix) == "split":
+            return []
         want = self.tokenize(prefix)
         for t in prompts:
             n = 0
@@ -258,14 +264,12 @@ class LlamaCppBackend(Backend):
                     break
                 n += 1
             want = want[:n]
-        self._use_prefix(want)
-        return len(want)
+        return want
 
     # ------------------------------------------------------------ generation
 
     def stream(self, prompts: list[str], params: Decoding, seeds: list[int],
                prefix: str | None = None) -> Iterator[Completion]:
-        self._use_layout(self.layout_for(prefix))
         for i in range(0, len(prompts), self.window):
             yield from self._window(prompts[i:i + self.window], params, seeds[i:i + self.window], prefix)
 
@@ -280,7 +284,16 @@ class LlamaCppBackend(Backend):
                 results[i] = too_long(len(t))
             else:
                 queue.append(i)
-        shared = self._shared_prefix(prefix, [toks[i] for i in queue])
+        want = self._common_prefix(prefix, [toks[i] for i in queue])
+        shared = len(want)
+        limits = {i: min(params.max_tokens, self.card.context - len(toks[i])) for i in queue}
+        layout = self.layout_for(prefix)
+        per_seq = max((len(toks[i]) + limits[i] - (shared if layout == "unified" else 0) for i in queue), default=1)
+        self._reserve(layout, *kv_cells(layout, self.parallel, shared, per_seq))
+        if not self.reuse_prefix and self.n_seq > self.parallel:  # reuse off: no cached prefix survives a window
+            self._use_prefix([])
+        if shared:
+            self._use_prefix(want)
         stops = [x.encode("utf-8") for x in params.stop]
         slots: dict[int, Slot] = {}
         done = 0  # results before this index have been yielded
@@ -294,7 +307,7 @@ class LlamaCppBackend(Backend):
                         if shared:
                             L.llama_memory_seq_cp(self.mem, self.prefix_seq, seq, -1, -1)
                         slots[seq] = Slot(seq, i, toks[i], self._sampler(params, seeds[i]),
-                                          min(params.max_tokens, self.card.context - len(toks[i])), n_past=shared)
+                                          limits[i], n_past=shared)
                 for slot in self._step([slots[s] for s in sorted(slots)]):
                     finish = self._finish(slot, params, stops)
                     if finish:
