@@ -10,7 +10,7 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
@@ -60,6 +60,24 @@ class Source(Strict):
         return self
 
 
+class Shape(Strict):
+    """What `run.py plan` needs to know of a model it has not downloaded (a hub card): the
+    weights' file's own header wins once it is on this machine."""
+    n_layers: int = Field(ge=1)  # repeating blocks (T5: the decoder's)
+    n_heads: int = Field(ge=1)
+    n_kv_heads: Union[Annotated[int, Field(ge=1)], list[Annotated[int, Field(ge=1)]]]  # a list: per layer
+    head_dim: Optional[int] = Field(None, ge=1)  # of K (default n_embd / n_heads)
+    head_dim_v: Optional[int] = Field(None, ge=1)  # of V (default head_dim)
+    n_embd: int = Field(ge=1)
+    n_vocab: int = Field(ge=1)
+    n_ff: int = Field(0, ge=0)  # feed-forward width
+    sliding_window: int = Field(0, ge=0)
+    tied: bool = False  # output layer = token embeddings
+    file_gb: float = Field(0.0, ge=0)  # llama.cpp: the GGUF file's size, decimal GB as the hub shows it
+    params: int = Field(0, ge=0)  # transformers: parameters, all of them
+    embed_params: int = Field(0, ge=0)  # transformers: of them, embeddings and lm_head (not quantized)
+
+
 class ModelCard(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     backend: Literal["llama_cpp", "transformers", "openai"]
@@ -68,9 +86,11 @@ class ModelCard(Strict):
     dtype: Literal["float32", "float16", "bfloat16", "auto"] = "auto"  # transformers compute dtype
     context: int = Field(2048, ge=64)
     prompt_format: Literal["plain", "chat"] = "plain"
-    gpu_layers: int = Field(-1, ge=-1)  # llama.cpp: -1 all, 0 none (CPU), N layers
+    # llama.cpp: -1 all, 0 none (CPU), N layers; "auto": what `run.py plan` picks when a run opens
+    gpu_layers: Union[Annotated[int, Field(ge=-1)], Literal["auto"]] = -1
     threads: int = Field(0, ge=0)  # CPU threads; 0 = all cores
-    parallel: int = Field(1, ge=1)  # llama.cpp: sequences decoded together (one KV cache of `context` each)
+    # llama.cpp: sequences decoded together; "auto": the largest (<= 16) `run.py plan` finds fitting
+    parallel: Union[Annotated[int, Field(ge=1)], Literal["auto"]] = 1
     # llama.cpp: requests scheduled together (continuous batching inside, fixed boundaries; default
     # 8 x parallel: a window ends with a tail where few slots are live); a kill redoes at most one
     window: Optional[int] = Field(None, ge=1)
@@ -81,7 +101,7 @@ class ModelCard(Strict):
     # a base model needs a cue to answer) and stop strings added to [outputs] stop
     output_template: Optional[str] = None
     output_stop: list[str] = []
-    memory_gb: float = Field(0.0, ge=0)  # estimated peak memory, shown by `models`
+    shape: Optional[Shape] = None  # for `run.py plan` without the weights (see Shape)
     license: str = ""
     description: str = ""
     # openai backend
@@ -201,7 +221,8 @@ class Config(Strict):
 
 def _one_line(e: ValidationError) -> str:
     err = e.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"])
+    # Union members' tags (`parallel.constrained-int`) are pydantic's, not the file's keys
+    loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith(("constrained-", "literal[", "list[")))
     msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
     if err["type"] == "literal_error":
         msg = f"{msg} (got {err['input']!r})"
@@ -240,7 +261,7 @@ def load_config(path: str | Path) -> Config:
 
 # The keys each backend reads: a key of another backend (gpu_layers on an openai card) would be
 # silently ignored, so it is refused.
-_SHARED = {"name", "backend", "description", "license", "memory_gb", "context", "prompt_format",
+_SHARED = {"name", "backend", "description", "license", "shape", "context", "prompt_format",
            "output_template", "output_stop"}
 BACKEND_KEYS = {
     "llama_cpp": _SHARED | {"source", "quantization", "gpu_layers", "threads", "parallel", "window", "kv"},

@@ -191,7 +191,7 @@ def write_card(out: Path, base: ModelCard, name: str) -> Path:
              f"description = {q(f'{base.name} fine-tuned with LoRA (merged)')}",
              f"quantization = {q(base.quantization if hf else 'none')}", f"dtype = {q(base.dtype if hf else 'auto')}",
              f"context = {base.context}", f"prompt_format = {q(base.prompt_format)}",
-             f"batch_size = {base.batch_size if hf else 4}", f"memory_gb = {base.memory_gb}",
+             f"batch_size = {base.batch_size if hf else 4}",
              f"license = {q(base.license)}"]
     if base.output_template:
         lines.append(f"output_template = {q(base.output_template)}")
