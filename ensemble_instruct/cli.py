@@ -253,10 +253,11 @@ app.add_typer(models_app, name="models")
 
 @models_app.callback()
 def models(ctx: typer.Context):
-    """List the model cards: backend, quantization, estimated memory."""
+    """List the model cards: backend, quantization, computed memory (python run.py plan: per stage)."""
     if ctx.invoked_subcommand is not None:
         return
     from .config import ROOT, load_card
+    from .plan import GIB, check_memory
 
     rows = [("card", "backend", "quantization", "memory GB", "license", "source")]
     for path in sorted((ROOT / "quantized").glob("*.toml")):
@@ -264,22 +265,78 @@ def models(ctx: typer.Context):
         s = card.source
         src = (s.path or (f"package {s.package}" + (f"/{s.file}" if s.file else " (assembled)")) if s.package
                else f"hub {s.hub_repo}" + (f"/{s.hub_file}" if s.hub_file else "")) if s else "server " + ", ".join(card.endpoints)
-        rows.append((path.stem, card.backend, card.quantization, f"{card.memory_gb:g}", card.license, src))
+        rows.append((path.stem, card.backend, card.quantization, _memory_figure(card, path, check_memory, GIB),
+                     card.license, src))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for r in rows:  # plain columns: readable in a terminal and in a pipe
         typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[5])
+    typer.echo("memory GB: weights + KV cache + compute + process, all devices, at the card's parallel x context "
+               "(its worst case; a stage needs less: python run.py plan)")
+
+
+def _memory_figure(card, path, check_memory, gib) -> str:
+    if card.backend == "openai":
+        return "server"
+    try:
+        m = check_memory(card, path)
+    except UserError:
+        return "?"  # no [shape] and no local file
+    return f"{(m.host_total + sum(m.gpu.values())) / gib:.2f}"
+
+
+@app.command()
+def plan(config: Optional[Path] = CONFIG,
+         vram: Optional[float] = typer.Option(None, "--vram", help="GPU memory to plan for, GB (default: the free "
+                                              "memory of the GPU NVML finds; none: the CPU)."),
+         ram: Optional[float] = typer.Option(None, "--ram", help="Host memory to plan for, GB (default on the CPU: "
+                                             "the available RAM)."),
+         as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON.")):
+    """Memory per model and stage of a config, and the gpu_layers and parallel that fit."""
+    from . import plan as P
+    from .config import ROOT, find_config, load_config
+
+    for name, v in (("--vram", vram), ("--ram", ram)):
+        if v is not None and v <= 0:
+            raise UserError(f"{name} must be a positive number of GB, got {v:g}")
+    cfg = load_config(find_config(config) if config is not None else ROOT / "configs" / "default.toml")
+    budget = P.detect_budget(vram, ram)
+    plans = P.plan_config(cfg, budget)
+    if as_json:
+        import json
+
+        typer.echo(json.dumps({"models": [r.row() for mp in plans for r in mp.rows]}))
+        return
+    P.print_plan(plans, budget, config.stem if config is not None else "default")
 
 
 @models_app.command("check")
-def models_check(card: str = typer.Argument(..., help="Card path or name (e.g. smollm2-135m).")):
-    """Load a model, generate a few tokens, report load time, tokens/s and peak memory."""
+def models_check(card: str = typer.Argument(..., help="Card path or name (e.g. smollm2-135m)."),
+                 parallel: Optional[int] = typer.Option(None, "--parallel", help="llama.cpp: sequences decoded "
+                                                        "together (default: the card's)."),
+                 context: Optional[int] = typer.Option(None, "--context", help="Cells per sequence (default: the "
+                                                       "card's context)."),
+                 as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")):
+    """Load a model, hold the card's worst-case KV cache (parallel x context), generate, and report
+    load time, tokens/s, peak memory and the planned figure next to it."""
     import time
 
     from .backends import Decoding, load_backend, oom_as_error
     from .config import load_card
+    from .plan import GIB, check_memory
     from .runner import peak_rss_mb, peak_rss_reset
 
     c, path = load_card(card)
+    if parallel is not None and parallel < 1 or context is not None and context < 64:
+        raise UserError("--parallel must be at least 1 and --context at least 64")
+    if parallel is not None and c.backend != "llama_cpp":
+        raise UserError(f"{path}: --parallel is a llama.cpp setting ({c.backend} card)")
+    upd = {"context": context} if context else {}
+    if c.backend == "llama_cpp":
+        upd["parallel"] = parallel or (c.parallel if c.parallel != "auto" else 1)
+        if c.gpu_layers == "auto":
+            upd["gpu_layers"] = -1
+    c = c.model_copy(update=upd)
+    n = c.parallel if c.backend == "llama_cpp" else 1
     peak_rss_reset()
     t0 = time.perf_counter()
     with oom_as_error(c, path, "loading"):
@@ -288,13 +345,39 @@ def models_check(card: str = typer.Argument(..., help="Card path or name (e.g. s
     t0 = time.perf_counter()
     try:
         with oom_as_error(c, path, "generating with"):
-            out = backend.generate(["Once upon a time, in a small village by the sea,"], Decoding(max_tokens=32), [0])[0]
+            backend.reserve(c.context)  # the card's worst case: parallel x context cells
+            outs = backend.generate(["Once upon a time, in a small village by the sea,"] * n, Decoding(max_tokens=32),
+                                    list(range(n)))
         gen_s = time.perf_counter() - t0
+        on_gpu = _offloads(backend)
     finally:
         backend.close()
-    typer.echo(f"{c.name}: loaded in {load_s:.1f} s, {out.completion_tokens} tokens in {gen_s:.1f} s "
-               f"({out.completion_tokens / gen_s:.1f} tok/s), peak RSS {peak_rss_mb():.0f} MB")
-    typer.echo(f"  -> {out.text.strip()[:200]!r}")
+    peak = peak_rss_mb()
+    tokens = sum(o.completion_tokens for o in outs)
+    m = check_memory(c, path, on_gpu=on_gpu)
+    planned = m.host_total / GIB if m is not None else None
+    result = {"card": c.name, "backend": c.backend, "parallel": n, "context": c.context, "load_s": round(load_s, 2),
+              "tokens": tokens, "tok_s": round(tokens / gen_s, 1) if gen_s > 0 else 0.0,
+              "peak_rss_mb": round(peak, 1), "planned_gb": round(planned, 3) if planned is not None else None,
+              "planned_gpu_gb": round(sum(m.gpu.values()) / GIB, 3) if m is not None and m.gpu else None,
+              "text": outs[0].text}
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(result))
+        return
+    ratio = f", {planned * 1024 / peak:.2f} x the peak" if planned and peak else ""
+    typer.echo(f"{c.name}: loaded in {load_s:.1f} s, {tokens} tokens in {gen_s:.1f} s "
+               f"({result['tok_s']} tok/s, {n} parallel), peak RSS {peak:.0f} MB; planned "
+               f"{planned * 1024:.0f} MB{ratio}" if planned is not None else
+               f"{c.name}: loaded in {load_s:.1f} s, {tokens} tokens in {gen_s:.1f} s, peak RSS {peak:.0f} MB")
+    typer.echo(f"  -> {outs[0].text.strip()[:200]!r}")
+
+
+def _offloads(backend) -> bool:
+    """Whether a llama.cpp backend put layers on a GPU (a CPU-only build ignores gpu_layers)."""
+    L = getattr(backend, "L", None)
+    return bool(L is not None and L.llama_supports_gpu_offload() and backend.card.gpu_layers != 0)
 
 
 @models_app.command("export-hf")
