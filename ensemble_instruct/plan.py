@@ -17,7 +17,8 @@ Memory per (model, stage), llama.cpp (measured on the CPU, see the README's `pla
   n_kv = the cells one sequence's attention scans (a stream: split; the whole cache: unified).
   A GPU allocates it whole; on the CPU only the pages a pass writes are resident (malloc), so the
   host figure is what one pass of a stage's largest step touches, not the reservation.
-- output buffer (host): n_seq x n_vocab x 4 B of logits.
+- output buffer (host): n_seq x n_vocab x 4 B of logits; with the logits rows of the compute buffer
+  and the samplers' candidate arrays, ~20 B per sequence and vocabulary entry are resident.
 - process: Python + our imports ~32 MB, llama.cpp's library ~40 MB; on a GPU ~0.4 GB of CUDA
   context on the card.
 
@@ -48,6 +49,7 @@ CHARS_PER_TOKEN = 3.0  # a bound without a tokenizer: templates/instances_A.txt'
 CHAT_OVERHEAD = 32  # tokens a chat template wraps a prompt in
 PROCESS_BYTES = 32 * MIB  # Python + our imports
 LLAMA_LIB_BYTES = 34 * MIB  # llama.cpp's library, mapped and touched
+LOGIT_ROW_BYTES = 20  # host bytes per sequence and vocabulary entry while decoding (see llama_memory)
 VOCAB_BYTES = 110  # per token: llama.cpp's vocabulary (strings, maps; SmolLM2 49k: +5 MB, Gemma 3 262k: +29 MB)
 CUDA_CONTEXT_BYTES = int(0.4 * GIB)  # per GPU process: CUDA context + cuBLAS workspace
 TORCH_PROCESS_BYTES = int(0.45 * GIB)  # Python + torch + transformers, host
@@ -449,13 +451,14 @@ def llama_memory(card: ModelCard, shape: Shape, need: Need, parallel: int, gpu_l
     logits = N_UBATCH * shape.n_vocab * 4
     scores = N_UBATCH * n_kv * shape.n_heads * 4
     reserved = max(logits if (out_on_gpu or not on_gpu) else 0, scores) + act
-    out_buf = n_seq * shape.n_vocab * 4
-    # The pages one pass of a stage writes: a micro-batch's activations (feed-forward included),
-    # its attention scores over the prompt, and a logits row per sequence.
+    # On the host only written pages are resident: one micro-batch's activations (feed-forward
+    # included) and attention scores over a prompt, and per sequence ~20 B per vocabulary entry
+    # (its logits row in the compute buffer and in the output buffer, and the sampler's candidate
+    # array): measured 22 MB (SmolLM2) and 78 MB (Gemma 3) above the KV cache at 16 sequences.
     touched = min(reserved, N_UBATCH * (4 * shape.n_embd + 3 * (shape.n_ff or 4 * shape.n_embd)) * 4
-                  + N_UBATCH * min(n_kv, N_UBATCH) * shape.n_heads * 4 + n_seq * shape.n_vocab * 4)
+                  + N_UBATCH * min(n_kv, N_UBATCH) * shape.n_heads * 4) + n_seq * shape.n_vocab * LOGIT_ROW_BYTES
     m = Memory(card.name, need.stage, gpu_layers if on_gpu else 0, L, parallel, card.context, lay, cells, on_gpu=on_gpu)
-    m.host = {"weights": host_w, "kv": kv_host, "compute": touched + out_buf,
+    m.host = {"weights": host_w, "kv": kv_host, "compute": touched,
               "other": PROCESS_BYTES + LLAMA_LIB_BYTES + VOCAB_BYTES * shape.n_vocab}
     if g > 0:
         m.gpu = {"weights": gpu_w, "kv": kv_gpu, "compute": reserved, "other": CUDA_CONTEXT_BYTES}
@@ -623,17 +626,26 @@ def _no_shape():
     return Shape(0, 1, (0,), 0, 0, 0, 0)
 
 
-def resolve_auto(card: ModelCard, path: Path, role: str, cfg: Config, budget: Budget | None = None) -> ModelCard:
-    """A card with gpu_layers / parallel = "auto" as the numbers the plan picks for this config
-    (the memory free now); a card without "auto" as it is."""
-    if card.backend != "llama_cpp" or (card.gpu_layers != "auto" and card.parallel != "auto"):
-        return card
+def has_auto(card: ModelCard) -> bool:
+    return card.backend == "llama_cpp" and "auto" in (card.gpu_layers, card.parallel)
+
+
+def resolve_auto(card: ModelCard, path: Path, role: str, cfg: Config | None,
+                 budget: Budget | None = None) -> tuple[ModelCard, str]:
+    """(the card with gpu_layers / parallel = "auto" as the numbers the plan picks, the budget it
+    planned for). For a config's stages (role "generator" or "extra"); without a config, for the
+    card's worst case (parallel x context, as `models check`). When nothing fits: the smallest
+    settings (the run then fails with its own out-of-memory message, naming the card)."""
+    if not has_auto(card):
+        return card, ""
     budget = budget or detect_budget()
-    p = plan_model(card, path, role, cfg, budget,
+    needs = None if cfg is not None else [Need("check", card.context, 0)]
+    p = plan_model(card, path, role, cfg, budget, needs=needs,
                    gpu_layers=None if card.gpu_layers == "auto" else card.gpu_layers,
                    parallel=None if card.parallel == "auto" else card.parallel)
-    return card.model_copy(update={"gpu_layers": p.gpu_layers if card.gpu_layers == "auto" else card.gpu_layers,
-                                   "parallel": p.parallel if card.parallel == "auto" else card.parallel})
+    gl = p.gpu_layers if budget.gpu else (-1 if card.gpu_layers == "auto" else card.gpu_layers)
+    return card.model_copy(update={"gpu_layers": gl if card.gpu_layers == "auto" else card.gpu_layers,
+                                   "parallel": p.parallel if card.parallel == "auto" else card.parallel}), budget.source
 
 
 # ---------------------------------------------------------------------------------------- budget
