@@ -301,6 +301,7 @@ def open_run(config: Path | None, out: Path | None, num_instructions: int | None
     cfg = _with_overrides(cfg, num_instructions, seed)
     generator = load_card(cfg.path(cfg.generator))
     extras = [load_card(cfg.path(p)) for p in cfg.extra]
+    generator, extras, auto = _resolve_auto(cfg, generator, extras, existing)
     names = [c.name for c, _ in [generator, *extras]]
     if len(set(names[1:])) != len(names) - 1:
         raise UserError("each extra model must be a different card (names repeat)")
@@ -334,12 +335,40 @@ def open_run(config: Path | None, out: Path | None, num_instructions: int | None
     if changes:
         manifest.setdefault("forced", []).append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "changes": changes})
     manifest.update(fingerprint=fp, seed=cfg.seed, versions=versions())
+    if auto:
+        manifest.setdefault("auto", {}).update(auto)
     if cfg._dir is not None:
         manifest["config_dir"] = str(cfg._dir)
     run = Run(out, cfg, generator, extras, seeds, manifest)
     run.save_manifest()
     _config.on_hub_resolved = run.hub_resolved
     return run
+
+
+def _resolve_auto(cfg: Config, generator, extras, existing: dict | None):
+    """Cards with gpu_layers / parallel = "auto" get numbers: those the run recorded when it was
+    opened (a resume keeps them, whatever memory is free now), else the plan's for this config and
+    the memory free now. The fingerprint then holds the numbers; the manifest's "auto" says where
+    they came from."""
+    from .plan import has_auto, resolve_auto
+
+    pairs, auto = [generator, *extras], {}
+    recorded = (existing or {}).get("auto", {})
+    cards = (existing or {}).get("fingerprint", {}).get("cards")
+    for i, (card, path) in enumerate(pairs):
+        if not has_auto(card):
+            continue
+        role = _role(i)
+        old = cards[i] if isinstance(cards, list) and i < len(cards) and role in recorded else None
+        if old is not None:
+            upd = {k: old[k] for k in ("gpu_layers", "parallel") if getattr(card, k) == "auto" and isinstance(old.get(k), int)}
+            new, budget = card.model_copy(update=upd), recorded[role].get("budget", "")
+        if old is None or "auto" in (new.gpu_layers, new.parallel):
+            new, budget = resolve_auto(card, path, "generator" if i == 0 else "extra", cfg)
+        pairs[i] = (new, path)
+        auto[role] = {"gpu_layers": new.gpu_layers, "parallel": new.parallel, "budget": budget,
+                      "card": {k: getattr(card, k) for k in ("gpu_layers", "parallel")}}
+    return pairs[0], pairs[1:], auto
 
 
 def _config_dir(manifest: dict) -> Path | None:
