@@ -168,7 +168,10 @@ class _Array:
 
 def gguf_shape(path: Path) -> Shape:
     """A GGUF file's shape, from its header (milliseconds; no tensor data is read)."""
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType  # lazy: imports numpy
+    try:
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType  # lazy: imports numpy
+    except ImportError:
+        raise UserError(f"{path}: reading a GGUF header needs the package gguf (pip install -e '.[llama]')") from None
 
     h = _Header(path)
     arch = h.kv.get("general.architecture")
