@@ -550,9 +550,16 @@ def plan_model(card: ModelCard, path: Path, role: str, cfg: Config, budget: Budg
         ok = all(fits(r, budget) for r in rows)
         for r in rows:
             r.fits = fits(r, budget)
-        return ModelPlan(card, path, role, rows, ok, lower="" if ok else
-                         f"the card's batch_size ({card.batch_size}) or context ({card.context}), [outputs] max_tokens, "
-                         "or use quantization nf4 or a smaller model")
+        lower = ""
+        if not ok:
+            smaller = [b for b in range(card.batch_size - 1, 0, -1) if all(
+                fits(hf_memory(card.model_copy(update={"batch_size": b}), shape, n, budget.gpu), budget) for n in needs)]
+            lower = (f"the card's batch_size to {smaller[0]}" if smaller else
+                     f"the card's context ({card.context}) or [outputs] max_tokens, "
+                     + ("use quantization nf4 " if card.quantization not in ("nf4", "fp4") else "")
+                     + "or a smaller model (the weights alone need "
+                     + f"{shape.weights_bytes / GIB:.1f} GB)")
+        return ModelPlan(card, path, role, rows, ok, lower=lower)
 
     L = shape.n_layers
     pars = [parallel] if parallel else list(range(MAX_PARALLEL, 0, -1))
