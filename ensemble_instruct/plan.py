@@ -35,7 +35,7 @@ import struct
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .backends import KV_PAD, kv_cells
+from .backends import kv_cells
 from .config import CACHE, Config, ModelCard, _hub_cached, _package_dir
 from .errors import UserError
 
