@@ -262,3 +262,34 @@ def test_llamacpp_frees_the_model_when_the_chat_template_is_missing(monkeypatch)
     with pytest.raises(UserError, match="no chat template"):
         load_backend(card.model_copy(update={"prompt_format": "chat"}), path)
     assert len(freed) == 1
+
+
+@pytest.mark.parametrize("kv", ["split", "unified"])
+def test_a_window_does_not_depend_on_how_large_the_cache_grew(kv):
+    """The KV cache is sized to what a window needs and only grows, so a rerun or a resume may
+    run a window in a larger cache than the first run did: the bytes must be the same. The size
+    is the kv_cells formula: in the unified layout the prefix is stored once."""
+    from ensemble_instruct import templates
+    from ensemble_instruct.backends import kv_cells
+    from ensemble_instruct.backends.llamacpp import LlamaCppBackend
+    from ensemble_instruct.config import resolve_weights
+
+    card, path = load_card("smollm2-135m")
+    b = LlamaCppBackend(card.model_copy(update={"parallel": 2, "kv": kv}), resolve_weights(card, path))
+    tpl = templates.load("instances_A.txt")
+    prefix = templates.prefix(tpl, "instruction")
+    prompts = [templates.fill(tpl, instruction=t) for t in NEW[:3]]
+    p = Decoding(max_tokens=24, temperature=0.7, top_k=50, top_p=1.0)
+    small = b.generate(prompts, p, [5, 6, 7], prefix=prefix)
+    toks = [b.tokenize(x) for x in prompts]
+    shared = len(b.prefix_tokens)
+    per_seq = max(len(t) for t in toks) + 24 - (shared if kv == "unified" else 0)
+    assert (b.n_ctx, b.n_seq) == kv_cells(kv, 2, shared, per_seq)
+    size = b.n_ctx
+    b.generate(prompts[:2], Decoding(max_tokens=900), [1, 2], prefix=prefix)  # the cache grows
+    assert b.n_ctx > size and b.layout == kv
+    again = b.generate(prompts, p, [5, 6, 7], prefix=prefix)
+    b.close()
+    assert b.n_ctx >= size and [c.text for c in small] == [c.text for c in again]
+    if kv == "unified":  # 3 prompts of ~900 tokens in 2 slots: the prefix once, not per sequence
+        assert size < 2 * shared
