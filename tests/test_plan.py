@@ -55,6 +55,7 @@ def test_hub_cards_carry_their_shape():
 
 
 def test_plan_json_schema_and_fit_logic():
+    """The preset as bundled: every stage fits 24 GB, the generator batches."""
     r = cli("plan", "-c", "consumer-24gb", "--vram", "24", "--json")
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)["models"]
@@ -64,6 +65,9 @@ def test_plan_json_schema_and_fit_logic():
         assert x["total_gb"] <= 24 or not x["fits"]
         if x["kv"] is not None:  # llama.cpp rows: the parts add up (+ the CUDA context)
             assert x["total_gb"] == pytest.approx(x["weights_gb"] + x["kv_gb"] + x["compute_gb"] + 0.4, abs=0.01)
+    assert all(x["fits"] for x in rows)
+    inst = rows[1]
+    assert inst["parallel"] >= 8 and inst["kv"] == "unified" and inst["gpu_layers"] == -1 and inst["total_gb"] <= 24
 
 
 def test_the_24gb_generator_batches_and_12gb_is_a_partial_offload():
@@ -95,7 +99,9 @@ def test_demonstrations_longer_than_the_context_do_not_fit():
     """Random demonstrations: the longest 18 type-A seed demos cannot fit a 4,096 context, which
     the instance stage refuses before any request (instances.check_fits); the plan says so."""
     cfg = load_config(find_config("consumer-24gb"))
-    assert cfg.instances.demos != "fixed"
+    data = cfg.model_dump()
+    data["instances"]["demos"] = {"A": 18, "B": 15}
+    cfg = Config(**data).located(cfg._dir)
     card, path = load_card(cfg.path(cfg.generator))
     p = P.plan_model(card, path, "generator", cfg, P.Budget(80 * P.GIB, None))
     assert not p.fits and "context" in p.lower
