@@ -114,7 +114,7 @@ def progress_bar(description: str, total: int, done: int = 0):
 def check_stop(run: Run, where: str) -> None:
     if run.stop_requested:
         raise Interrupted(f"stopped during {where}; everything finished so far is on disk in {run.dir}. "
-                          f"Resume with: python run.py generate --out {run.dir}")
+                          f"Resume with: {run.resume_hint()}")
 
 
 @contextmanager
@@ -124,7 +124,7 @@ def stop_on_ctrl_c(run: Run):
     def handler(signum, frame):
         if run.stop_requested:
             raise StopNow(f"stopped at once; every finished window is on disk in {run.dir}. "
-                          f"Resume with: python run.py generate --out {run.dir}")
+                          f"Resume with: {run.resume_hint()}")
         run.stop_requested = True
         print("\nstopping after the current window (Ctrl-C again to stop at once)...", file=sys.stderr)
     old = signal.signal(signal.SIGINT, handler)
