@@ -30,3 +30,13 @@ def test_ctrl_c_during_evaluate_says_the_evaluate_command_resumes(tmp_path):
     r = cli(*shlex.split(hint)[2:])  # the hint, run (with the same fake models)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((out / "metrics.json").read_text())["rows"] == 40
+
+
+def test_eta_is_the_sessions_average_pace_not_the_last_batch():
+    from ensemble_instruct.runner import eta
+
+    # 20 tasks answered in 170 s (5 batches of 4, each finished at once): 232 left take 232 * 8.5 s
+    assert eta(170.0, 20, 232) == "0:32:52"
+    assert eta(3600 * 2, 1, 1) == "2:00:00"
+    assert eta(0.0, 0, 252) == eta(5.0, 0, 252) == "-:--:--"  # nothing finished yet: no estimate
+    assert eta(5.0, 3, 0) == "0:00:00"
