@@ -145,6 +145,13 @@ def ensemble(
                f"below threshold: {counts.get('below_threshold', 0)}) -> {out}")
 
 
+def _same_command() -> str:
+    """The command being run, as the user can type it again (what resumes an evaluation)."""
+    import shlex
+
+    return "python run.py " + shlex.join(sys.argv[1:])
+
+
 @app.command()
 def evaluate(
     tasks: Optional[str] = typer.Option(None, "--tasks", help="JSONL with instruction, input, gold output, optional "
@@ -188,6 +195,7 @@ def evaluate(
         cfg = load_config(config) if config else Config(generator="-", extra=["-", "-"])
         out = out or ROOT / "runs" / "evaluate-models"
         run, pairs = ev.open_models(out, cfg, cards)
+        run.resume_command = _same_command()
         names, cands = ev.answer_with_models(run, all_tasks, tasks_name, force, limit, models=pairs)
     elif files:
         if config is not None and not config.is_file():
@@ -198,6 +206,7 @@ def evaluate(
     else:
         out = out or ROOT / "runs" / f"evaluate-{config.stem if config else 'default'}"
         run = _open(config, out, force)
+        run.resume_command = _same_command()  # an evaluation directory: `generate` would not resume it
         cfg = run.cfg
         names, cands = ev.answer_with_models(run, all_tasks, tasks_name, force, limit)
     threshold = cfg.ensemble.threshold if threshold is None else threshold

@@ -283,8 +283,21 @@ def _load_model(folder: Path, kind: str, cfg: FinetuneCfg, cuda: bool, for_train
     return auto.from_pretrained(folder, dtype=dtype, device_map="cpu")
 
 
+def _quiet_libraries() -> None:
+    """Two messages that are noise here: bitsandbytes (imported by peft) asks on every CPU with AVX-512 BF16
+    to `pip install kernels` for 4-bit CPU matmuls, which plain LoRA on the CPU never does; peft calls a
+    transformers attribute deprecated in favour of another (a FutureWarning about their code, not ours)."""
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: "gemm_4bit_forward" not in record.getMessage())
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
 def train(card: ModelCard, folder: Path, kind: str, examples: list[dict], out: Path, cfg: FinetuneCfg,
           seed: int, templates_dir: Path, manifest: dict) -> None:
+    _quiet_libraries()
     import torch
     import transformers
     from peft import LoraConfig, TaskType, get_peft_model, set_peft_model_state_dict

@@ -57,6 +57,10 @@ class Run:
     seeds: dict[str, list[SeedTask]]
     manifest: dict
     stop_requested: bool = False
+    resume_command: str = ""  # what resumes this directory after a stop; default: generate --out DIR
+
+    def resume_hint(self) -> str:
+        return self.resume_command or f"python run.py generate --out {self.dir}"
 
     def file(self, name: str) -> Path:
         return self.dir / name

@@ -27,8 +27,9 @@ def user_oriented() -> list[dict]:
 
 def superni() -> list[dict]:
     if not SUPERNI.is_file():
-        raise UserError(f"--tasks superni: {SUPERNI} not found; build it from a clone of "
-                        "allenai/natural-instructions: python scripts/superni_sample.py --repo PATH")
+        raise UserError(f"--tasks superni: the SuperNI test sample is not built (this tool cannot download "
+                        f"SuperNI); clone allenai/natural-instructions, then python scripts/superni_sample.py "
+                        f"--repo PATH writes it to {SUPERNI}")
     return read_jsonl(SUPERNI, "user")
 
 

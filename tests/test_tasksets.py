@@ -52,6 +52,7 @@ def test_superni_sample_script_and_tasks_superni(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "run.py"), "evaluate", "--tasks", "superni", "--outputs",
                         "a", "b", "c"], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and "scripts/superni_sample.py --repo" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert "not built (this tool cannot download SuperNI)" in r.stderr
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "superni_sample.py"), "--repo", str(repo)],
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
