@@ -661,11 +661,12 @@ def resolve_auto(card: ModelCard, path: Path, role: str, cfg: Config | None,
 # ---------------------------------------------------------------------------------------- budget
 
 def gpu_free() -> tuple[float, str] | None:
-    """(free bytes, name) of the first GPU, through NVML; None without one."""
+    """(free bytes, name) of the first GPU, through NVML (the pynvml module of nvidia-ml-py, or,
+    where that is not installed, the driver's nvidia-smi); None without one."""
     try:
         import pynvml
     except ImportError:
-        return None
+        return _nvidia_smi_free()
     try:
         pynvml.nvmlInit()
         try:
@@ -675,6 +676,22 @@ def gpu_free() -> tuple[float, str] | None:
         finally:
             pynvml.nvmlShutdown()
     except Exception:  # no driver, no device
+        return None
+
+
+def _nvidia_smi_free() -> tuple[float, str] | None:
+    import shutil
+    import subprocess
+
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, "--query-gpu=memory.free,name", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20).stdout
+        free, name = out.splitlines()[0].split(",", 1)
+        return float(free) * MIB, name.strip()
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):  # no driver, no device
         return None
 
 

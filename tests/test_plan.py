@@ -288,3 +288,17 @@ def test_auto_settings_are_resolved_recorded_and_kept_on_resume(tmp_path, monkey
     monkeypatch.undo()
     assert P.resolve_auto(load_card(q / "smollm2-135m.toml")[0], q / "smollm2-135m.toml", "generator",
                           load_config(tmp_path / "c.toml"))[0].parallel == 16
+
+
+def test_without_pynvml_the_free_memory_comes_from_nvidia_smi(tmp_path):
+    """A GPU machine without nvidia-ml-py still plans for its GPU: the driver's nvidia-smi (here a
+    stand-in script on PATH that answers as the real one does) gives the free memory."""
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho '20480, NVIDIA GeForce RTX 4090'\n")
+    smi.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
+    code = ("import sys; sys.modules['pynvml'] = None\n"  # as if nvidia-ml-py were not installed
+            "from ensemble_instruct import plan; b = plan.detect_budget(); print(b.vram, b.source)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[0] == str(20480.0 * 2**20) and "RTX 4090" in r.stdout and "20.0 GB free" in r.stdout
