@@ -36,12 +36,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .backends import kv_cells
+from .backends.llamacpp import N_UBATCH  # the engine's micro-batch: its compute buffer is sized by it
 from .config import CACHE, Config, ModelCard, _hub_cached, _package_dir
 from .errors import UserError
 
 GIB = 1 << 30
 MIB = 1 << 20
-N_UBATCH = 512  # as backends/llamacpp.py
 MAX_PARALLEL = 16
 CHARS_PER_TOKEN = 3.0  # a bound without a tokenizer: templates/instances_A.txt's prefix is 3,240
 #                        chars = 904 SmolLM2 tokens (3.58 chars/token); 3.0 leaves room for
