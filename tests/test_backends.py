@@ -293,3 +293,66 @@ def test_a_window_does_not_depend_on_how_large_the_cache_grew(kv):
     assert b.n_ctx >= size and [c.text for c in small] == [c.text for c in again]
     if kv == "unified":  # 3 prompts of ~900 tokens in 2 slots: the prefix once, not per sequence
         assert size < 2 * shared
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_sampling_picks_what_llama_cpps_own_sampler_picks(name):
+    """`_sample` reads the logits with numpy instead of llama_sampler_sample's per-call copy of the
+    whole vocabulary. At every step of 8 sequences it must pick the token that llama.cpp's own
+    llama_sampler_sample picks from the same logits with a twin chain (same seed): greedy, top-k 50
+    at T=0.7, and the whole vocabulary at T=1 (top_k = 0)."""
+    from ensemble_instruct.backends.llamacpp import LlamaCppBackend
+    from ensemble_instruct.config import resolve_weights
+
+    class Twin(LlamaCppBackend):
+        def _sampler(self, params, seed):  # called once per request, in request order
+            self.twins.append(super()._sampler(params, seed) or self.greedy)
+            return super()._sampler(params, seed)
+
+        def _sample(self, slot, params, k):
+            ours = super()._sample(slot, params, k)
+            self.picks.append((ours, self.L.llama_sampler_sample(self.twins[slot.index], self.ctx, k)))
+            return ours
+
+    card, path = load_card(name)
+    b = Twin(card.model_copy(update={"parallel": 8}), resolve_weights(card, path))
+    L = b.L
+    b.greedy = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+    L.llama_sampler_chain_add(b.greedy, L.llama_sampler_init_greedy())
+    b.picks = []
+    prompts = [f"Once upon a time, a {w} lived in a small town by the sea. Every morning, the {w}"
+               for w in "cat dog king queen robot pirate farmer doctor".split()]
+    for params in (Decoding(32), Decoding(32, 0.7, 50, 1.0), Decoding(32, 1.0, 0, 1.0)):
+        b.twins = []
+        b.generate(prompts, params, list(range(8)))
+        for t in [t for t in b.twins if t is not b.greedy]:
+            L.llama_sampler_free(t)
+    L.llama_sampler_free(b.greedy)
+    b.close()
+    assert len(b.picks) > 3 * 8 * 24 and all(ours == theirs for ours, theirs in b.picks)
+
+
+def test_split_streams_keep_live_slots_contiguous():
+    """Split KV streams: llama.cpp takes only consecutive sequence ids into one pass, so once no
+    request is left to refill a finished slot, the highest live slots move into the gaps: every
+    step's live slots are 0..n-1. Moving a sequence copies its KV stream; a rerun gives the same
+    bytes."""
+    from ensemble_instruct.backends.llamacpp import LlamaCppBackend
+    from ensemble_instruct.config import resolve_weights
+
+    class Traced(LlamaCppBackend):
+        def _step(self, live, params):
+            self.steps.append([s.seq for s in live])
+            return super()._step(live, params)
+
+    card, path = load_card("gemma3-270m")
+    b = Traced(card.model_copy(update={"parallel": 6, "kv": "split"}), resolve_weights(card, path))
+    b.steps = []
+    prompts = [f"Count from 1 to {n}:" for n in (3, 30, 5, 12, 2, 20, 8, 4)]
+    p = Decoding(max_tokens=48, stop=("\n\n",))
+    first = b.generate(prompts, p, list(range(8)))
+    again = b.generate(prompts, p, list(range(8)))
+    b.close()
+    assert [c.text for c in first] == [c.text for c in again]
+    assert all(live == list(range(len(live))) for live in b.steps)
+    assert len({len(live) for live in b.steps}) > 3  # slots did finish at different steps
