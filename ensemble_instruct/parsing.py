@@ -43,11 +43,19 @@ def _compresses_10x(text: str) -> bool:
     return len(data) >= 200 and len(zlib.compress(data)) < 0.1 * len(data)
 
 
+# One short unit repeated over 40 characters or more ("000,000,000,...", "<u><u><u>...", "1.1.1.1."):
+# a loop inside a word, which the word and line rules do not see. Unlike those ratios, a run stays
+# in a text as it grows, so the engine's early loop check cannot cut what this rule would keep.
+_RUN = re.compile(r"(\S)\1{39,}|(\S\S)\2{19,}|(\S{3})\3{13,}|(\S{4})\4{9,}")
+
+
 def repetitive(text: str) -> bool:
-    """A model stuck in a loop: mostly one repeated line (line numbers aside: "1. Yes 2. Yes"),
-    mostly repeated word 3-grams, or long text that compresses to under a tenth of its size
-    (prose and code: 30-60%). Long runs where only the numbers change ("160, 165, 170, ...")
-    count too; a short list of numbers does not."""
+    """A model stuck in a loop: a run of one short unit (above), mostly one repeated line (line
+    numbers aside: "1. Yes 2. Yes"), mostly repeated word 3-grams, or long text that compresses to
+    under a tenth of its size (prose and code: 30-60%). Long runs where only the numbers change
+    ("160, 165, 170, ...") count too; a short list of numbers does not."""
+    if _RUN.search(text):
+        return True
     counted = _DIGITS.sub("0", text)
     lines = [line.strip(" \t.-–•*") for line in counted.splitlines()]
     lines = [line for line in lines if line]

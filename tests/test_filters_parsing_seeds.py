@@ -114,10 +114,28 @@ def test_instruction_prompt_shows_seeds_normalized():
     ("def add(a, b):\n    return a + b\n\nprint(add(1, 2))", False),
     ("Paris is the capital of France. It lies on the Seine and has about two million people.", False),
     ("- apples\n- pears\n- plums\n- cherries", False),
+    ("The answer is 1" + "0" * 40, True),  # a loop inside one word: the word rules miss it
+    ("100," + "000," * 10, True),
+    ("1. <strong>" + "<u>" * 14, True),
+    ("One googol is 1" + "0" * 100 + ".", True),
+    ("A trillion is 1,000,000,000,000 and a billion is 1000000000.", False),
+    ("| a | b |\n| --- | --- |\n| 1 | 2 |", False),
+    ("Title\n" + "=" * 39, False),
 ])
 def test_repetitive(text, loops):
     from ensemble_instruct.parsing import repetitive
     assert repetitive(text) is loops
+
+
+def test_a_run_of_one_unit_stays_repetitive_as_the_text_grows():
+    """The engine cuts a completion when a prefix of it is repetitive; for the run rule that is
+    lossless by construction: every longer text that starts with such a prefix is repetitive too."""
+    from ensemble_instruct.parsing import repetitive
+    loop = "Total: 100," + "000," * 10
+    assert repetitive(loop)
+    for tail in (" dollars.", "\nThat is a lot of money, more than anyone could spend in a life.",
+                 " " + " ".join(f"word{k}" for k in range(200))):
+        assert repetitive(loop + tail)
 
 
 def test_instance_finish_reasons_and_echo():
@@ -132,6 +150,7 @@ def test_instance_finish_reasons_and_echo():
     assert reason("name a fruit", "stop", inst) == "echo"
     assert reason("Apple.", "length", inst) is None  # an extra output may be cut: the ensemble judges it
     assert reason("", "prompt_too_long", inst) == "prompt_too_long"
+    assert reason("Apple apple apple", "loop", inst) == "repetitive"  # the engine cut a loop short
 
 
 def test_fixed_instance_prefixes_are_the_reference_demos():
@@ -144,3 +163,21 @@ def test_fixed_instance_prefixes_are_the_reference_demos():
         shown = re.findall(r"^instruction: (.*?)\n(?:input|output):", pre, re.DOTALL | re.MULTILINE)
         assert len(shown) == n and all(s.strip() in seeds for s in shown), typ
         assert templates.fill(tpl, instruction="Name a fruit.").startswith(pre)
+
+
+def test_extra_outputs_cut_loops_short_and_evaluate_does_not(tmp_path, monkeypatch):
+    """A looping extra output is dropped anyway, so the stage lets the engine cut it short; an
+    evaluated answer is scored as the model wrote it, so `evaluate` (which answers through the same
+    function with its default) does not."""
+    import fakes
+    from ensemble_instruct.rundir import open_run
+    from ensemble_instruct.stages import outputs
+
+    fakes.install(monkeypatch)
+    run = open_run(fakes.fake_setup(tmp_path), tmp_path / "run")
+    asked = {}
+    monkeypatch.setattr(outputs, "run_batches", lambda run, backend, **kw: asked.__setitem__(kw["key"], kw["params"]))
+    backend = fakes.FakeBackend(run.extras[0][0])
+    outputs.run_stage(run, backend, "A")
+    outputs.answer(run, backend, [], tmp_path / "answers.jsonl", key="evaluate", stage="evaluate/x", typ="A", where="x")
+    assert asked["outputs_extra1_A"].stop_loops and not asked["evaluate"].stop_loops

@@ -23,13 +23,16 @@ class Decoding:
     top_k: int = 0  # 0 = no top-k cut
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
-    # End a completion early once it is a repetition loop (parsing.repetitive, checked from
-    # LOOP_MIN tokens on): it would be dropped anyway, and a loop otherwise runs to max_tokens.
+    # End a completion early once it is a repetition loop (parsing.repetitive, checked every
+    # LOOP_EVERY tokens from LOOP_MIN on): it would be dropped anyway, and a loop otherwise runs to
+    # max_tokens, often alone at a window's tail.
     stop_loops: bool = False
     ignore_eos: bool = False  # benchmarks only: never sample the end-of-text token
 
 
-LOOP_MIN, LOOP_EVERY = 192, 32
+# Checked against uncut completions of the tiny models (bench/bench_loops.py): from 64 tokens on, the
+# check never fired on a completion that the final filters keep.
+LOOP_MIN, LOOP_EVERY = 64, 16
 FINISH = ("stop", "eos", "length", "prompt_too_long", "loop")
 
 

@@ -26,6 +26,8 @@ def reason(text: str, finish: str, instance: dict) -> str | None:
     """Why an extra output can never be kept (None: it is a candidate)."""
     if finish == "prompt_too_long":
         return "prompt_too_long"
+    if finish == "loop":  # the backend cut a repetition loop short
+        return "repetitive"
     if not text:
         return "empty_output"
     if "\ufffd" in text:
@@ -38,9 +40,10 @@ def reason(text: str, finish: str, instance: dict) -> str | None:
 
 
 def answer(run: Run, backend: Backend, todo: list[dict], out: Path, *, key: str, stage: str, typ: str,
-           where: str) -> None:
+           where: str, stop_loops: bool = False) -> None:
     """Each item of `todo` (id, instruction, input) answered zero-shot and greedily into `out`;
-    `evaluate` reuses this for tasks with gold answers."""
+    `evaluate` reuses this for tasks with gold answers (there without `stop_loops`: a looping
+    answer is scored as the model wrote it)."""
     card, c = backend.card, run.cfg.outputs
     template = templates.load(card.output_template or "output.txt", run.cfg.path(run.cfg.templates_dir),
                               templates.FIELDS["output"])
@@ -54,10 +57,11 @@ def answer(run: Run, backend: Backend, todo: list[dict], out: Path, *, key: str,
         return {"id": it["id"], "output": text, "reason": reason(text, comp.finish, it), "finish": comp.finish}
 
     run_batches(run, backend, key=key, where=where, path=out, todo=todo,
-                params=Decoding(c.max_tokens, stop=(*c.stop, *card.output_stop)), request=request, record=record)
+                params=Decoding(c.max_tokens, stop=(*c.stop, *card.output_stop), stop_loops=stop_loops),
+                request=request, record=record)
 
 
 def run_stage(run: Run, backend: Backend, typ: str) -> None:
     card = backend.card
     answer(run, backend, instances.usable(run, typ), path(run, card, typ), key=f"outputs_{card.name}_{typ}",
-           stage=f"outputs/{card.name}", typ=typ, where=f"extra outputs ({card.name}, {typ})")
+           stage=f"outputs/{card.name}", typ=typ, where=f"extra outputs ({card.name}, {typ})", stop_loops=True)
