@@ -15,6 +15,7 @@ Printed: completion tokens/s and its share of the ceiling.
     python bench/bench_engine.py [--n 64] [--layouts split unified] [--workloads instances outputs-gemma outputs-chat]
 """
 import argparse
+from functools import partial
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from ensemble_instruct import templates  # noqa: E402
 from ensemble_instruct.backends import Decoding  # noqa: E402
 from ensemble_instruct.backends.llamacpp import LlamaCppBackend  # noqa: E402
 from ensemble_instruct.config import load_card, resolve_weights  # noqa: E402
+from ensemble_instruct.parsing import looping  # noqa: E402
 from ensemble_instruct.seeds import load_seeds, split_types  # noqa: E402
 from ensemble_instruct.stages.instances import STOP  # noqa: E402
 
@@ -61,7 +63,7 @@ def workload(kind: str, n: int):
         tpl = templates.load("instances_A.txt")
         tasks = split_types(SEEDS)["A"][-n:]  # the template's demonstrations come from the first ones
         prompts = [templates.fill(tpl, instruction=t.instruction) for t in tasks]
-        return "smollm2-135m", prompts, Decoding(512, 0.7, 50, 1.0, STOP, stop_loops=True), templates.prefix(tpl, "instruction")
+        return "smollm2-135m", prompts, Decoding(512, 0.7, 50, 1.0, STOP, loop_test=partial(looping, with_input=True)), templates.prefix(tpl, "instruction")
     name, tpl_name, stop = {"outputs-gemma": ("gemma3-270m", "output_base.txt", ("\n\n", "|EoS|", "\n")),
                             "outputs-chat": ("smollm2-135m-chat", "output.txt", ("\n\n", "|EoS|"))}[kind]
     tpl = templates.load(tpl_name, fields=templates.FIELDS["output"])

@@ -97,6 +97,17 @@ def parse_instance(completion: str, with_input: bool, instruction: str = "", fin
     return p
 
 
+def looping(completion: str, with_input: bool) -> bool:
+    """The engine's early loop test for the instance stage, on a completion so far: its input or
+    its output is a repetition loop, each field on its own as `parse_instance` checks them (an
+    output that copies its input repeats the text as a whole, not either field); before the output
+    field starts, the input so far."""
+    text = _cut(completion.replace("\r\n", "\n"))
+    if with_input and not _OUTPUT.search(text):
+        return repetitive(text.strip())
+    return _parse(completion, with_input).reason == "repetitive"
+
+
 def _parse(completion: str, with_input: bool) -> Parsed:
     text = _cut(completion.replace("\r\n", "\n"))
     if "\ufffd" in text:  # undecodable bytes from the model

@@ -242,9 +242,11 @@ def test_card_parallel_is_part_of_the_run_fingerprint(tmp_path):
 
 
 def test_llamacpp_cuts_a_loop_short(smollm):
-    """stop_loops: a completion that has become a repetition loop ends early with finish "loop"."""
+    """loop_test: a completion that has become a repetition loop ends early with finish "loop"."""
     prompt = "Repeat after me.\n" + "I like apples.\n" * 40
-    p = Decoding(max_tokens=400, stop_loops=True)
+    from ensemble_instruct.parsing import repetitive
+
+    p = Decoding(max_tokens=400, loop_test=repetitive)
     out = smollm.generate([prompt], p, [0])[0]
     assert out.finish == "loop" and out.completion_tokens < 400
     assert smollm.generate([prompt], Decoding(max_tokens=400), [0])[0].finish == "length"

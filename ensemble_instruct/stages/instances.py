@@ -6,10 +6,12 @@ as in the reference implementation), so a backend evaluates it once per model lo
 """
 from __future__ import annotations
 
+from functools import partial
+
 from .. import templates
 from ..backends import Backend, Decoding
 from ..errors import UserError
-from ..parsing import parse_instance
+from ..parsing import looping, parse_instance
 from ..runner import done_ids, run_batches
 from ..rundir import Run, rng_for, seed_for
 from . import instructions
@@ -90,5 +92,6 @@ def run_stage(run: Run, backend: Backend, typ: str) -> None:
         return rec
 
     run_batches(run, backend, key=f"instances_{typ}", where=f"instance generation ({typ})", path=path(run, typ),
-                todo=todo(run, typ), params=Decoding(c.max_tokens, c.temperature, c.top_k, c.top_p, STOP, stop_loops=True),
+                todo=todo(run, typ), params=Decoding(c.max_tokens, c.temperature, c.top_k, c.top_p, STOP,
+                                                     loop_test=partial(looping, with_input=with_input)),
                 request=request, record=record, prefix=prefix)

@@ -39,6 +39,11 @@ def reason(text: str, finish: str, instance: dict) -> str | None:
     return None
 
 
+def loops(text: str) -> bool:
+    """The early loop test of the extra-output stage: what `reason` calls repetitive."""
+    return repetitive(text.strip())
+
+
 def answer(run: Run, backend: Backend, todo: list[dict], out: Path, *, key: str, stage: str, typ: str,
            where: str, stop_loops: bool = False) -> None:
     """Each item of `todo` (id, instruction, input) answered zero-shot and greedily into `out`;
@@ -57,7 +62,8 @@ def answer(run: Run, backend: Backend, todo: list[dict], out: Path, *, key: str,
         return {"id": it["id"], "output": text, "reason": reason(text, comp.finish, it), "finish": comp.finish}
 
     run_batches(run, backend, key=key, where=where, path=out, todo=todo,
-                params=Decoding(c.max_tokens, stop=(*c.stop, *card.output_stop), stop_loops=stop_loops),
+                params=Decoding(c.max_tokens, stop=(*c.stop, *card.output_stop),
+                                loop_test=loops if stop_loops else None),
                 request=request, record=record)
 
 
