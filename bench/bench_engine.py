@@ -15,9 +15,9 @@ Printed: completion tokens/s and its share of the ceiling.
     python bench/bench_engine.py [--n 64] [--layouts split unified] [--workloads instances outputs-gemma outputs-chat]
 """
 import argparse
-from functools import partial
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -2,8 +2,8 @@
 
 The llama.cpp backend applies a stage's loop test to a completion every LOOP_EVERY tokens from
 LOOP_MIN on and ends it as a loop (then dropped): `parsing.looping` for instances (input and
-output each on its own, as the instance filter checks them), `outputs.loops` for extra outputs. That is lossless only if the check never fires on
-a completion that the final filters would keep. This reads finished runs and `evaluate` folders
+output each on its own, as the instance filter checks them), `outputs.loops` for extra outputs.
+That is lossless only if the check never fires on a completion that the final filters would keep. This reads finished runs and `evaluate` folders
 (instance completions, extra outputs and answers, as the models wrote them), re-tokenizes each text
 with its model, replays the check at every candidate (LOOP_MIN, LOOP_EVERY), and prints how often it
 fires, the tokens it would save, and every completion it would have cut although it was kept
@@ -12,10 +12,10 @@ fires, the tokens it would save, and every completion it would have cut although
     python bench/bench_loops.py DIR [DIR ...]
 """
 import argparse
-from functools import partial
 import json
 import sys
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,8 +32,10 @@ RULES = [(192, 32), (128, 32), (96, 16), (64, 16), (48, 16), (32, 16), (32, 8)]
 def completions(folder: Path):
     """(kind, model, text, kept by the final filters, why it ended, the stage's loop test) of every
     completion in a folder."""
-    for f in sorted(folder.glob("instances_*.jsonl")):
+    instance_files = sorted(folder.glob("instances_*.jsonl"))
+    if instance_files:  # a run directory (an evaluate folder has answers only)
         generator = json.loads((folder / "manifest.json").read_text())["fingerprint"]["config"]["generator"]
+    for f in instance_files:
         for line in f.open():  # kept: by the filters as they are now (a record may predate one)
             r = json.loads(line)
             kept = r["reason"] is None and not (repetitive(r["input"]) or repetitive(r["output"]))

@@ -142,9 +142,7 @@ def test_the_instance_loop_test_judges_input_and_output_each_on_its_own():
     """The engine's early loop test for instances agrees with the instance filter: an output that
     copies its input repeats the whole text but neither field (the filter keeps it, so the test
     must not cut it); a field that loops on its own is cut, the input also before the output starts."""
-    from ensemble_instruct.parsing import looping
-
-    from ensemble_instruct.parsing import repetitive
+    from ensemble_instruct.parsing import looping, repetitive
 
     copied = (" Top 2 reasons: 1. A person should not take a holiday for the Earth. 2. A person should not take "
               "a holiday for the Moon.\noutput: Top 2 reasons: 1. A person should not take a holiday for the "
