@@ -360,3 +360,39 @@ def test_split_streams_keep_live_slots_contiguous():
     assert [c.text for c in first] == [c.text for c in again]
     assert all(live == list(range(len(live))) for live in b.steps)
     assert len({len(live) for live in b.steps}) > 3  # slots did finish at different steps
+
+
+@pytest.mark.parametrize("name,kv", [("gemma3-270m", "split"), ("smollm2-135m", "unified")])
+def test_an_odd_count_of_logit_rows_gets_one_more_and_the_texts_stay_the_same(name, kv):
+    """Odd row counts are slow in llama.cpp's CPU output matmul, so a step whose first pass has an
+    odd number (3 or more) of logit rows asks for one more: a refilled slot's first prompt token, or
+    a dummy token in a spare sequence. Those rows are never sampled: the texts equal those of the
+    same windows without the padding, in both KV layouts, and both kinds of padding happened."""
+    from ensemble_instruct.backends.llamacpp import LlamaCppBackend
+    from ensemble_instruct.config import resolve_weights
+
+    class Traced(LlamaCppBackend):
+        pad, padded = True, []
+
+        def _even_rows(self, live, entries, owner):
+            before = sum(e[3] for e in entries)
+            padding, spare = super()._even_rows(live, entries, owner) if self.pad else (None, None)
+            if sum(e[3] for e in entries) > before:
+                self.padded.append("spare" if spare is not None else "prompt token")
+            return padding, spare
+
+    card, path = load_card(name)
+    b = Traced(card.model_copy(update={"parallel": 5, "window": 12, "kv": kv}), resolve_weights(card, path))
+    prefix = "Answer each question in one line.\n\n" if kv == "unified" else None
+    questions = ("Name a fruit.", "Describe the sea in one long sentence.", "What is 2 + 2?", "List three colors.",
+                 "Explain why the sky is blue.", "Say hello.", "Write a sentence about a dog.",
+                 "What is the capital of France?", "Name two animals.", "Why do birds sing?",
+                 "Tell me a joke about cats and dogs.", "Count to five.")
+    prompts = [f"{prefix or ''}Question: {q}\nAnswer:" for q in questions]
+    p = Decoding(max_tokens=40, temperature=0.7, top_k=50, stop=("\n",))
+    padded = b.generate(prompts, p, list(range(12)), prefix=prefix)
+    b.pad = False
+    plain = b.generate(prompts, p, list(range(12)), prefix=prefix)
+    b.close()
+    assert [c.text for c in padded] == [c.text for c in plain]
+    assert {"spare", "prompt token"} <= set(b.padded), b.padded

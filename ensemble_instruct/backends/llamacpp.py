@@ -381,22 +381,65 @@ class LlamaCppBackend(Backend):
 
     def _step(self, live: list[Slot], params: Decoding) -> list[Slot]:
         """One decoding step: every live slot's pending tokens (in slot order, so llama.cpp can
-        take consecutive sequences in one pass), in calls of at most N_BATCH tokens; each slot
-        samples its next token right after the call that holds its last token. Returns the slots."""
+        take consecutive sequences in one pass), in calls of at most N_BATCH tokens; a slot samples
+        its next token right after the call that holds its last pending token, if that one wants
+        logits. Returns the slots that sampled a token."""
         entries, owner = [], []
         for slot in live:
             new = slot.pending()
             entries += new
             owner += [slot] * len(new)
-        for start in range(0, len(entries), N_BATCH):
-            chunk = entries[start:start + N_BATCH]
-            self._decode(chunk)
-            for k, (_, pos, _, logits) in enumerate(chunk):
-                if logits:
+        padding, spare = self._even_rows(live, entries, owner)
+        sampled = []
+        try:
+            for start in range(0, len(entries), N_BATCH):
+                chunk = entries[start:start + N_BATCH]
+                self._decode(chunk)
+                for k, (_, pos, _, logits) in enumerate(chunk):
                     slot = owner[start + k]
+                    if slot is None:  # the spare sequence
+                        continue
                     slot.n_past = pos + 1
-                    slot.token = self._sample(slot, params, k)
-        return live
+                    if logits and start + k != padding:
+                        slot.token = self._sample(slot, params, k)
+                        sampled.append(slot)
+        finally:
+            if spare is not None:
+                self.L.llama_memory_seq_rm(self.mem, spare, -1, -1)
+        return sampled
+
+    def _even_rows(self, live: list[Slot], entries: list, owner: list) -> tuple[int | None, int | None]:
+        """The step's first pass over the weights holds each live slot's first pending token (split
+        streams) or the whole step (unified); its tokens that want logits are rows of the output
+        matmul. llama.cpp's CPU kernel for it (llamafile's tinyBLAS, Q8_0 here) is much slower for
+        an odd row count: Gemma 3's 262,144-token output, 3 rows 43 ms vs 4 rows 33, 15 rows 80 vs
+        16 rows 70 (measured; SmolLM2's 49,152 tokens: 15 and 16 rows cost the same). So an odd
+        count of 3 or more gets one row more: the logits of a refilled slot's first prompt token,
+        which is in that pass anyway, else a one-token dummy in the next free sequence. Returns
+        (the index of the padding entry, the spare sequence to clear after the step). The row is
+        never sampled; what the slots sample does not change (tested)."""
+        firsts = {}  # slot -> index of its first entry
+        for k, slot in enumerate(owner):
+            firsts.setdefault(slot.seq, k)
+        if self.layout == "unified":  # one pass holds the whole step
+            rows = sum(e[3] for e in entries) if len(entries) <= N_UBATCH else 0
+        else:
+            rows = sum(entries[k][3] for k in firsts.values())
+        if rows < 3 or rows % 2 == 0:
+            return None, None
+        for k in firsts.values():
+            if not entries[k][3]:
+                tok, pos, seq, _ = entries[k]
+                entries[k] = (tok, pos, seq, True)
+                return k, None
+        # Every live slot is decoding one token: a spare sequence right after them (split streams
+        # take only consecutive sequence ids into one pass), unused when fewer than `parallel` are live.
+        spare = max(s.seq for s in live) + 1
+        if spare >= self.parallel:
+            return None, None
+        entries.insert(len(firsts), (entries[0][0], 0, spare, True))
+        owner.insert(len(firsts), None)
+        return len(firsts), spare
 
     def _free_sampler(self, slot: Slot) -> None:
         if slot.sampler is not None:
