@@ -9,7 +9,14 @@ stay live. Prints each
 stage's share of its ceiling next to the targets (instances >= 0.55, extra outputs >= 0.5),
 the total stage time and the kept count.
 
-    python bench/bench_stages.py [-c configs/default.toml] [--run DIR | --out DIR]
+With --bound, also each instance and extra-output stage's own bound: its requests (their prompts,
+the shared prefix) replayed with every slot live on every step (end-of-text never sampled), each
+generating the stage's mean completion length. That is the share a perfect schedule would reach
+with this stage's prompts, which the short-prompt ceiling does not pay for; "of bound" is the
+stage's tok/s over the bound's.
+
+    python bench/bench_stages.py [-c configs/default.toml] [--run DIR | --out DIR] [--bound]
+        [--pairs N [--only STAGE ...]]
 """
 import argparse
 import json
@@ -22,16 +29,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from ensemble_instruct import templates  # noqa: E402
 from ensemble_instruct.backends import Decoding, load_backend  # noqa: E402
-from ensemble_instruct.config import ModelCard, load_card  # noqa: E402
+from ensemble_instruct.config import Config, ModelCard, load_card  # noqa: E402
 
 STORY = "cat dog king queen robot pirate farmer doctor teacher child bird fish wizard dragon knight baker".split()
 TARGETS = {"instances": 0.55, "outputs": 0.5}
 
 
-def ceiling(card: ModelCard, card_path: Path) -> float:
-    """The engine's best for these weights: the faster KV layout (a sliding-window model has one)."""
-    return max(_ceiling(card.model_copy(update={"kv": kv}), card_path) for kv in ("split", "unified"))
+def ceiling(card: ModelCard, card_path: Path) -> tuple[float, str]:
+    """The engine's best for these weights and the KV layout that gave it (the faster of the two; a
+    sliding-window model has one)."""
+    return max((_ceiling(card.model_copy(update={"kv": kv}), card_path), kv) for kv in ("split", "unified"))
 
 
 def _ceiling(card: ModelCard, card_path: Path) -> float:
@@ -44,11 +53,55 @@ def _ceiling(card: ModelCard, card_path: Path) -> float:
     return sum(o.completion_tokens for o in outs) / dt
 
 
+def read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def stage_requests(run: Path, cfg: Config, key: str, card: ModelCard) -> tuple[list[str], str | None, Decoding]:
+    """A stage's prompts, shared prefix and sampling, rebuilt from the run's files (the run's
+    templates; instances with the fixed demonstrations only)."""
+    tdir = cfg.path(cfg.templates_dir)
+    typ = key[-1]
+    if key.startswith("instances_"):
+        tpl = templates.load(f"instances_{typ}.txt", tdir)
+        c = cfg.instances
+        prompts = [templates.fill(tpl, instruction=r["instruction"]) for r in read(run / f"{key}.jsonl")]
+        return prompts, templates.prefix(tpl, "instruction"), Decoding(0, c.temperature, c.top_k, c.top_p)
+    insts = {r["id"]: r for r in read(run / f"instances_{typ}.jsonl")}
+    tpl = templates.load(card.output_template or "output.txt", tdir, templates.FIELDS["output"])
+    prompts = [templates.output_prompt(tpl, insts[r["id"]]["instruction"], insts[r["id"]]["input"])
+               for r in read(run / f"{key}.jsonl")]
+    return prompts, None, Decoding(0)
+
+
+def bound(run: Path, cfg: Config, key: str, t: dict, card: ModelCard, card_path: Path) -> float:
+    """tok/s of the stage's requests with every slot live, each generating the stage's mean length."""
+    prompts, prefix, p = stage_requests(run, cfg, key, card)
+    mean = max(1, round(t["completion_tokens"] / len(prompts)))
+    b = load_backend(card, card_path)
+    params = Decoding(mean, p.temperature, p.top_k, p.top_p, ignore_eos=True)
+    t0 = time.perf_counter()
+    outs = b.generate(prompts, params, list(range(len(prompts))), prefix)
+    dt = time.perf_counter() - t0
+    b.close()
+    return sum(o.completion_tokens for o in outs) / dt
+
+
+def has_bound(key: str, t: dict, ceilings: dict, cfg: Config) -> bool:
+    """Instance and extra-output stages of a llama.cpp model (instances: fixed demonstrations)."""
+    kind = key.split("_")[0]
+    return t["model"] in ceilings and kind in TARGETS and (kind == "outputs" or cfg.instances.demos == "fixed")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("-c", "--config", default=str(ROOT / "configs" / "default.toml"))
     ap.add_argument("--run", help="a finished run directory to read instead of generating one")
     ap.add_argument("--out", help="generate into this folder and keep it (default: a temporary one)")
+    ap.add_argument("--bound", action="store_true", help="also each stage's bound: its own requests, all slots live")
+    ap.add_argument("--pairs", type=int, default=0, metavar="N",
+                    help="then measure each bound N more times, each between two ceilings")
+    ap.add_argument("--only", nargs="+", metavar="STAGE", help="--pairs for these stages only (e.g. instances_A)")
     args = ap.parse_args()
     tmp = None
     if args.run:
@@ -68,11 +121,14 @@ def main():
     for path in [m["fingerprint"]["config"]["generator"], *m["fingerprint"]["config"]["extra"]]:
         card, card_path = load_card(ROOT / path if not Path(path).is_absolute() else path)
         cards[card.name] = (card, card_path)
-    ceilings = {name: ceiling(c, p) for name, (c, p) in cards.items() if c.backend == "llama_cpp"}
+    best = {name: ceiling(c, p) for name, (c, p) in cards.items() if c.backend == "llama_cpp"}
+    ceilings = {name: r for name, (r, _) in best.items()}
+    cfg = Config(**m["fingerprint"]["config"]).located(Path(m["config_dir"]))
     print(f"run: {run}  ({'this run' if wall else 'read'})")
     for name, r in ceilings.items():
         print(f"ceiling {name:<18} {r:6.1f} tok/s (parallel 16, all live; the run used kv = {cards[name][0].kv})")
-    print(f"{'stage':<32} {'model':<18} {'seconds':>8} {'tok/s':>7} {'share':>6}  target")
+    print(f"{'stage':<32} {'model':<18} {'seconds':>8} {'tok/s':>7} {'share':>6}" +
+          (f" {'bound':>6} {'of bound':>8}" if args.bound else "") + "  target")
     total = 0.0
     for key, t in m["timings"].items():
         total += t["seconds"]
@@ -80,10 +136,30 @@ def main():
         share = t["tokens_per_s"] / ceilings[t["model"]] if t["model"] in ceilings else None
         target = TARGETS.get(kind)
         verdict = "" if target is None or share is None else f">= {target}: {'met' if share >= target else 'MISSED'}"
+        extra = ""
+        if args.bound:
+            extra = f" {'-':>6} {'-':>8}"
+            if has_bound(key, t, ceilings, cfg):
+                card, card_path = cards[t["model"]]
+                b = bound(run, cfg, key, t, card, card_path)
+                extra = f" {b / ceilings[t['model']]:6.2f} {t['tokens_per_s'] / b:8.2f}"
         print(f"{key:<32} {t['model']:<18} {t['seconds']:8.1f} {t['tokens_per_s']:7.1f} "
-              f"{'-' if share is None else f'{share:.2f}':>6}  {verdict}")
+              f"{'-' if share is None else f'{share:.2f}':>6}{extra}  {verdict}", flush=True)
     print(f"stage time in all: {total:.0f} s ({total / 60:.1f} min)" + (f"; wall time of generate: {wall:.0f} s" if wall else ""))
     print(f"kept: {m.get('dataset_size')}")
+    # One bound is as noisy as the machine; a pair of ceilings around each bound measures its share
+    # against the machine's speed of that minute.
+    for key, t in m["timings"].items():
+        if args.pairs and has_bound(key, t, ceilings, cfg) and (not args.only or key in args.only):
+            card, card_path = cards[t["model"]]
+            at = card.model_copy(update={"kv": best[t["model"]][1]})
+            shares = []
+            for _ in range(args.pairs):
+                before = _ceiling(at, card_path)
+                b = bound(run, cfg, key, t, card, card_path)
+                shares.append(2 * b / (before + _ceiling(at, card_path)))
+            print(f"bound of {key}, each between two ceilings: " + ", ".join(f"{x:.3f}" for x in shares) +
+                  f"; the stage: {t['tokens_per_s'] / ceilings[t['model']]:.3f} of the first ceiling")
     if tmp:
         tmp.cleanup()
 
