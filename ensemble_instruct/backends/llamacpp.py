@@ -418,7 +418,7 @@ class LlamaCppBackend(Backend):
         which is in that pass anyway, else a one-token dummy in the next free sequence. Returns
         (the index of the padding entry, the spare sequence to clear after the step). The row is
         never sampled; what the slots sample does not change (tested)."""
-        firsts = {}  # slot -> index of its first entry
+        firsts = {}  # a slot's sequence -> the index of its first entry
         for k, slot in enumerate(owner):
             firsts.setdefault(slot.seq, k)
         if self.layout == "unified":  # one pass holds the whole step
