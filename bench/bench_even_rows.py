@@ -11,7 +11,6 @@ are equal (they must be: the padding row is never sampled).
 import argparse
 import json
 import statistics
-from functools import partial
 import sys
 import time
 from pathlib import Path
@@ -21,11 +20,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_stages import has_bound, stage_requests  # noqa: E402
-from ensemble_instruct.backends import Decoding  # noqa: E402
 from ensemble_instruct.backends.llamacpp import LlamaCppBackend  # noqa: E402
 from ensemble_instruct.config import Config, load_card, resolve_weights  # noqa: E402
-from ensemble_instruct.parsing import looping  # noqa: E402
-from ensemble_instruct.stages import instances, outputs  # noqa: E402
 
 
 class Padded(LlamaCppBackend):
@@ -33,14 +29,6 @@ class Padded(LlamaCppBackend):
 
     def _even_rows(self, live, entries, owner):
         return super()._even_rows(live, entries, owner) if self.pad else (None, None)
-
-
-def stage_params(key: str, cfg: Config, card, p: Decoding) -> Decoding:
-    """The decoding the stage itself uses (stops and loop test included)."""
-    if key.startswith("instances_"):
-        return Decoding(cfg.instances.max_tokens, p.temperature, p.top_k, p.top_p, instances.STOP,
-                        loop_test=partial(looping, with_input=key.endswith("A")))
-    return Decoding(cfg.outputs.max_tokens, stop=(*cfg.outputs.stop, *card.output_stop), loop_test=outputs.loops)
 
 
 def main():
@@ -62,8 +50,7 @@ def main():
         if not has_bound(key, t, llama, cfg) or (args.only and key not in args.only):
             continue
         card, card_path = cards[t["model"]]
-        prompts, prefix, p = stage_requests(run, cfg, key, card)
-        params = stage_params(key, cfg, card, p)
+        prompts, prefix, params = stage_requests(run, cfg, key, card)
         seeds = list(range(len(prompts)))
         b = Padded(card, resolve_weights(card, card_path))
         times, texts = {True: [], False: []}, {}

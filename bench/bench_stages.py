@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from ensemble_instruct import templates  # noqa: E402
 from ensemble_instruct.backends import Decoding, load_backend  # noqa: E402
 from ensemble_instruct.config import Config, ModelCard, load_card  # noqa: E402
+from ensemble_instruct.stages import instances, outputs  # noqa: E402
 
 STORY = "cat dog king queen robot pirate farmer doctor teacher child bird fish wizard dragon knight baker".split()
 TARGETS = {"instances": 0.55, "outputs": 0.5}
@@ -58,20 +59,19 @@ def read(path: Path) -> list[dict]:
 
 
 def stage_requests(run: Path, cfg: Config, key: str, card: ModelCard) -> tuple[list[str], str | None, Decoding]:
-    """A stage's prompts, shared prefix and sampling, rebuilt from the run's files (the run's
-    templates; instances with the fixed demonstrations only)."""
+    """A stage's prompts, shared prefix and decoding (the stage's own), rebuilt from the run's files
+    (the run's templates; instances with the fixed demonstrations only)."""
     tdir = cfg.path(cfg.templates_dir)
     typ = key[-1]
     if key.startswith("instances_"):
         tpl = templates.load(f"instances_{typ}.txt", tdir)
-        c = cfg.instances
         prompts = [templates.fill(tpl, instruction=r["instruction"]) for r in read(run / f"{key}.jsonl")]
-        return prompts, templates.prefix(tpl, "instruction"), Decoding(0, c.temperature, c.top_k, c.top_p)
+        return prompts, templates.prefix(tpl, "instruction"), instances.decoding(cfg, typ)
     insts = {r["id"]: r for r in read(run / f"instances_{typ}.jsonl")}
     tpl = templates.load(card.output_template or "output.txt", tdir, templates.FIELDS["output"])
     prompts = [templates.output_prompt(tpl, insts[r["id"]]["instruction"], insts[r["id"]]["input"])
                for r in read(run / f"{key}.jsonl")]
-    return prompts, None, Decoding(0)
+    return prompts, None, outputs.decoding(cfg, card, stop_loops=True)
 
 
 def bound(run: Path, cfg: Config, key: str, t: dict, card: ModelCard, card_path: Path) -> float:
@@ -79,7 +79,7 @@ def bound(run: Path, cfg: Config, key: str, t: dict, card: ModelCard, card_path:
     prompts, prefix, p = stage_requests(run, cfg, key, card)
     mean = max(1, round(t["completion_tokens"] / len(prompts)))
     b = load_backend(card, card_path)
-    params = Decoding(mean, p.temperature, p.top_k, p.top_p, ignore_eos=True)
+    params = Decoding(mean, p.temperature, p.top_k, p.top_p, ignore_eos=True)  # no stops: every slot stays live
     t0 = time.perf_counter()
     outs = b.generate(prompts, params, list(range(len(prompts))), prefix)
     dt = time.perf_counter() - t0

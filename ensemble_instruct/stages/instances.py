@@ -10,6 +10,7 @@ from functools import partial
 
 from .. import templates
 from ..backends import Backend, Decoding
+from ..config import Config
 from ..errors import UserError
 from ..parsing import looping, parse_instance
 from ..runner import done_ids, run_batches
@@ -65,6 +66,13 @@ def check_fits(run: Run, backend: Backend) -> None:
                             "shorter demonstrations, a smaller max_tokens, or a model with a longer context")
 
 
+def decoding(cfg: Config, typ: str) -> Decoding:
+    """How the stage samples an instance of type `typ` (benchmarks replay it too)."""
+    c = cfg.instances
+    return Decoding(c.max_tokens, c.temperature, c.top_k, c.top_p, STOP,
+                    loop_test=partial(looping, with_input=typ == "A"))
+
+
 def run_stage(run: Run, backend: Backend, typ: str) -> None:
     c = run.cfg.instances
     with_input = typ == "A"
@@ -92,6 +100,4 @@ def run_stage(run: Run, backend: Backend, typ: str) -> None:
         return rec
 
     run_batches(run, backend, key=f"instances_{typ}", where=f"instance generation ({typ})", path=path(run, typ),
-                todo=todo(run, typ), params=Decoding(c.max_tokens, c.temperature, c.top_k, c.top_p, STOP,
-                                                     loop_test=partial(looping, with_input=with_input)),
-                request=request, record=record, prefix=prefix)
+                todo=todo(run, typ), params=decoding(run.cfg, typ), request=request, record=record, prefix=prefix)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .. import templates
 from ..backends import Backend, Decoding
-from ..config import ModelCard
+from ..config import Config, ModelCard
 from ..parsing import echo, repetitive
 from ..runner import done_ids, run_batches
 from ..rundir import Run, seed_for
@@ -44,12 +44,18 @@ def loops(text: str) -> bool:
     return repetitive(text.strip())
 
 
+def decoding(cfg: Config, card: ModelCard, stop_loops: bool) -> Decoding:
+    """How an extra output (or an `evaluate` answer, without `stop_loops`) is decoded: greedily."""
+    c = cfg.outputs
+    return Decoding(c.max_tokens, stop=(*c.stop, *card.output_stop), loop_test=loops if stop_loops else None)
+
+
 def answer(run: Run, backend: Backend, todo: list[dict], out: Path, *, key: str, stage: str, typ: str,
            where: str, stop_loops: bool = False) -> None:
     """Each item of `todo` (id, instruction, input) answered zero-shot and greedily into `out`;
     `evaluate` reuses this for tasks with gold answers (there without `stop_loops`: a looping
     answer is scored as the model wrote it)."""
-    card, c = backend.card, run.cfg.outputs
+    card = backend.card
     template = templates.load(card.output_template or "output.txt", run.cfg.path(run.cfg.templates_dir),
                               templates.FIELDS["output"])
 
@@ -62,9 +68,7 @@ def answer(run: Run, backend: Backend, todo: list[dict], out: Path, *, key: str,
         return {"id": it["id"], "output": text, "reason": reason(text, comp.finish, it), "finish": comp.finish}
 
     run_batches(run, backend, key=key, where=where, path=out, todo=todo,
-                params=Decoding(c.max_tokens, stop=(*c.stop, *card.output_stop),
-                                loop_test=loops if stop_loops else None),
-                request=request, record=record)
+                params=decoding(run.cfg, card, stop_loops), request=request, record=record)
 
 
 def run_stage(run: Run, backend: Backend, typ: str) -> None:
