@@ -15,6 +15,12 @@ generating the stage's mean completion length. That is the share a perfect sched
 with this stage's prompts, which the short-prompt ceiling does not pay for; "of bound" is the
 stage's tok/s over the bound's.
 
+With --pairs N (and --only STAGE ...), each such stage is measured N more times in one process,
+each figure between two ceilings, so that both sides see the machine of the same minute: its bound,
+and the stage itself replayed (its requests, seeds, stops and windows: the same schedule and the
+same tokens as in the run, which the output checks). On a shared machine whose speed drifts over
+the minutes of a run, these shares are steadier than the run's own.
+
     python bench/bench_stages.py [-c configs/default.toml] [--run DIR | --out DIR] [--bound]
         [--pairs N [--only STAGE ...]]
 """
@@ -32,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from ensemble_instruct import templates  # noqa: E402
 from ensemble_instruct.backends import Decoding, load_backend  # noqa: E402
 from ensemble_instruct.config import Config, ModelCard, load_card  # noqa: E402
+from ensemble_instruct.rundir import seed_for  # noqa: E402
 from ensemble_instruct.stages import instances, outputs  # noqa: E402
 
 STORY = "cat dog king queen robot pirate farmer doctor teacher child bird fish wizard dragon knight baker".split()
@@ -85,6 +92,24 @@ def bound(run: Path, cfg: Config, key: str, t: dict, card: ModelCard, card_path:
     dt = time.perf_counter() - t0
     b.close()
     return sum(o.completion_tokens for o in outs) / dt
+
+
+def replay(run: Path, cfg: Config, key: str, card: ModelCard, card_path: Path) -> tuple[float, int]:
+    """tok/s of the stage's own requests decoded as the stage decoded them (its seeds, stops, loop
+    test and windows: the same schedule, so the same tokens), and how many tokens that was."""
+    prompts, prefix, p = stage_requests(run, cfg, key, card)
+    typ = key[-1]
+    if key.startswith("instances_"):
+        seeds = [r["seed"] for r in read(run / f"{key}.jsonl")]
+    else:
+        seeds = [seed_for(cfg.seed, f"outputs/{card.name}", typ, i) for i in range(len(prompts))]
+    b = load_backend(card, card_path)
+    t0 = time.perf_counter()
+    outs = b.generate(prompts, p, seeds, prefix)
+    dt = time.perf_counter() - t0
+    b.close()
+    n = sum(o.completion_tokens for o in outs)
+    return n / dt, n
 
 
 def has_bound(key: str, t: dict, ceilings: dict, cfg: Config) -> bool:
@@ -153,13 +178,19 @@ def main():
         if args.pairs and has_bound(key, t, ceilings, cfg) and (not args.only or key in args.only):
             card, card_path = cards[t["model"]]
             at = card.model_copy(update={"kv": best[t["model"]][1]})
-            shares = []
+            bounds, stages = [], []
             for _ in range(args.pairs):
                 before = _ceiling(at, card_path)
                 b = bound(run, cfg, key, t, card, card_path)
-                shares.append(2 * b / (before + _ceiling(at, card_path)))
-            print(f"bound of {key}, each between two ceilings: " + ", ".join(f"{x:.3f}" for x in shares) +
-                  f"; the stage: {t['tokens_per_s'] / ceilings[t['model']]:.3f} of the first ceiling")
+                rate, n = replay(run, cfg, key, card, card_path)
+                mid = _ceiling(at, card_path)
+                bounds.append(2 * b / (before + mid))
+                stages.append((2 * rate / (mid + _ceiling(at, card_path)), n))
+            print(f"{key}, each between two ceilings: bound " + ", ".join(f"{x:.3f}" for x in bounds) +
+                  "; the stage replayed " + ", ".join(f"{x:.3f}" for x, _ in stages) +
+                  f" ({'the same' if all(n == t['completion_tokens'] for _, n in stages) else 'NOT the same'}"
+                  f" {t['completion_tokens']} tokens as in the run; in the run: "
+                  f"{t['tokens_per_s'] / ceilings[t['model']]:.3f} of the first ceiling)", flush=True)
     if tmp:
         tmp.cleanup()
 
