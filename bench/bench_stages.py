@@ -52,13 +52,21 @@ def ceiling(card: ModelCard, card_path: Path) -> tuple[float, str]:
 
 
 def _ceiling(card: ModelCard, card_path: Path) -> float:
-    b = load_backend(card.model_copy(update={"parallel": 16}), card_path)
-    params = Decoding(128, 0.7, 50, 1.0, ignore_eos=True)
+    return decode_rate(card.model_copy(update={"parallel": 16}), card_path,
+                       [f"Write a long story about a {w} who" for w in STORY],
+                       Decoding(128, 0.7, 50, 1.0, ignore_eos=True), list(range(1, 17)))[0]
+
+
+def decode_rate(card: ModelCard, card_path: Path, prompts: list[str], params: Decoding, seeds: list[int],
+                prefix: str | None = None) -> tuple[float, int]:
+    """tok/s of one `generate` call on a freshly loaded model (the load not timed), and its tokens."""
+    b = load_backend(card, card_path)
     t0 = time.perf_counter()
-    outs = b.generate([f"Write a long story about a {w} who" for w in STORY], params, list(range(1, 17)))
+    outs = b.generate(prompts, params, seeds, prefix)
     dt = time.perf_counter() - t0
     b.close()
-    return sum(o.completion_tokens for o in outs) / dt
+    n = sum(o.completion_tokens for o in outs)
+    return n / dt, n
 
 
 def read(path: Path) -> list[dict]:
@@ -85,13 +93,8 @@ def bound(run: Path, cfg: Config, key: str, t: dict, card: ModelCard, card_path:
     """tok/s of the stage's requests with every slot live, each generating the stage's mean length."""
     prompts, prefix, p = stage_requests(run, cfg, key, card)
     mean = max(1, round(t["completion_tokens"] / len(prompts)))
-    b = load_backend(card, card_path)
     params = Decoding(mean, p.temperature, p.top_k, p.top_p, ignore_eos=True)  # no stops: every slot stays live
-    t0 = time.perf_counter()
-    outs = b.generate(prompts, params, list(range(len(prompts))), prefix)
-    dt = time.perf_counter() - t0
-    b.close()
-    return sum(o.completion_tokens for o in outs) / dt
+    return decode_rate(card, card_path, prompts, params, list(range(len(prompts))), prefix)[0]
 
 
 def replay(run: Path, cfg: Config, key: str, card: ModelCard, card_path: Path) -> tuple[float, int]:
@@ -102,14 +105,8 @@ def replay(run: Path, cfg: Config, key: str, card: ModelCard, card_path: Path) -
     if key.startswith("instances_"):
         seeds = [r["seed"] for r in read(run / f"{key}.jsonl")]
     else:
-        seeds = [seed_for(cfg.seed, f"outputs/{card.name}", typ, i) for i in range(len(prompts))]
-    b = load_backend(card, card_path)
-    t0 = time.perf_counter()
-    outs = b.generate(prompts, p, seeds, prefix)
-    dt = time.perf_counter() - t0
-    b.close()
-    n = sum(o.completion_tokens for o in outs)
-    return n / dt, n
+        seeds = [seed_for(cfg.seed, outputs.seed_stage(card), typ, i) for i in range(len(prompts))]
+    return decode_rate(card, card_path, prompts, p, seeds, prefix)
 
 
 def has_bound(key: str, t: dict, ceilings: dict, cfg: Config) -> bool:

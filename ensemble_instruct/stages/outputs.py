@@ -71,7 +71,12 @@ def answer(run: Run, backend: Backend, todo: list[dict], out: Path, *, key: str,
                 params=decoding(run.cfg, card, stop_loops), request=request, record=record)
 
 
+def seed_stage(card: ModelCard) -> str:
+    """The stage name this model's extra-output seeds are derived under (`seed_for`)."""
+    return f"outputs/{card.name}"
+
+
 def run_stage(run: Run, backend: Backend, typ: str) -> None:
     card = backend.card
     answer(run, backend, instances.usable(run, typ), path(run, card, typ), key=f"outputs_{card.name}_{typ}",
-           stage=f"outputs/{card.name}", typ=typ, where=f"extra outputs ({card.name}, {typ})", stop_loops=True)
+           stage=seed_stage(card), typ=typ, where=f"extra outputs ({card.name}, {typ})", stop_loops=True)
