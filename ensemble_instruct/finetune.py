@@ -284,14 +284,14 @@ def _load_model(folder: Path, kind: str, cfg: FinetuneCfg, cuda: bool, for_train
 
 
 def _quiet_libraries() -> None:
-    """Two messages that are noise here: bitsandbytes (imported by peft) asks on every CPU with AVX-512 BF16
-    to `pip install kernels` for 4-bit CPU matmuls, which plain LoRA on the CPU never does; peft calls a
-    transformers attribute deprecated in favour of another (a FutureWarning about their code, not ours)."""
-    import logging
+    """peft imports bitsandbytes: import it first without its hub kernel lookup (backends/bnb.py). peft
+    also calls a transformers attribute deprecated in favour of another (a FutureWarning about their
+    code, not ours)."""
     import warnings
 
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-        lambda record: "gemm_4bit_forward" not in record.getMessage())
+    from .backends import bnb
+
+    bnb.load()
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 

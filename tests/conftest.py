@@ -1,5 +1,6 @@
 import os
 import random
+import re
 import string
 import subprocess
 import sys
@@ -85,3 +86,50 @@ def reference_run(tmp_path_factory):
     r = run_generate(out)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
+
+
+class HubRecorder:
+    """A stand-in for the model hub on loopback that answers 404 and records every request, so a
+    test can prove that nothing was looked up: point HF_ENDPOINT at `.url` and unset HF_HUB_OFFLINE."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        requests = self.requests = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                requests.append(f"{self.command} {self.path}")
+                self.send_response(404)
+                self.end_headers()
+
+            do_HEAD = do_POST = do_GET
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def env(self, base: dict) -> dict:
+        env = {k: v for k, v in base.items() if k != "HF_HUB_OFFLINE"}
+        return {**env, "HF_ENDPOINT": self.url}
+
+
+@pytest.fixture(scope="module")
+def hub():
+    recorder = HubRecorder()
+    yield recorder
+    recorder.server.shutdown()
+
+
+def user_visible(stderr: str) -> list[str]:
+    """The lines of stderr a person reads once progress bars have redrawn themselves: what is left
+    after dropping tqdm's bars (each redraw ends in '\\r') and blank lines."""
+    lines = [line.split("\r")[-1] for line in stderr.splitlines()]
+    return [line for line in lines if line.strip() and not _PROGRESS.search(line)]
+
+
+_PROGRESS = re.compile(r"\|\s*\d+/\d+ \[[^\]]*\]$|^\s*\d+%\|")

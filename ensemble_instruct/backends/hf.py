@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..config import CACHE, ModelCard, resolve_weights
 from ..errors import UserError
-from . import Backend, Completion, Decoding, stop_at, too_long, trim_at_stop
+from . import Backend, Completion, Decoding, bnb, stop_at, too_long, trim_at_stop
 
 
 def _gguf_to_safetensors(card: ModelCard, gguf: Path) -> Path:
@@ -89,7 +89,7 @@ class HFBackend(Backend):
         kwargs: dict = {"dtype": dtype}
         if card.quantization != "none":
             try:
-                import bitsandbytes  # noqa: F401
+                bnb.load()
             except Exception as e:
                 raise UserError(f"{card.name}: {card.quantization} needs bitsandbytes, which cannot be "
                                 f"loaded here ({type(e).__name__}: {e}); pip install -e '.[hf]'") from None
