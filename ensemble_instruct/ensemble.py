@@ -9,61 +9,14 @@ on the normalized texts) is > threshold, keep the candidate with the largest sum
 """
 from __future__ import annotations
 
-import re
-import string
-from dataclasses import dataclass, field
-
 from .errors import UserError
-
-_PUNCT = str.maketrans("", "", string.punctuation)
-_WS = re.compile(r"\s+")
-
-
-def normalize(text: str) -> str:
-    """Lowercase, drop ASCII punctuation, collapse whitespace."""
-    return _WS.sub(" ", text.lower().translate(_PUNCT)).strip()
-
-
-@dataclass
-class Decision:
-    kept: bool
-    rule: str  # "exact", "rouge", "below_threshold"
-    winner: int | None  # index of the kept candidate
-    output: str | None
-    scores: dict[str, float] = field(default_factory=dict)  # "i-j" -> ROUGE-L F1 (rouge rule)
-    group: list[int] = field(default_factory=list)  # members of the exact-match group
-
-
-def exact_group(norms: list[str]) -> list[int]:
-    """Members of the largest group of equal non-empty normalized texts (>= 2), else []."""
-    groups: dict[str, list[int]] = {}
-    for i, n in enumerate(norms):
-        if n:
-            groups.setdefault(n, []).append(i)
-    best: list[int] = []
-    for members in groups.values():  # dict order = order of each group's first member
-        if len(members) >= 2 and len(members) > len(best):
-            best = members
-    return best
+from .rules import Decision, exact_group, normalize, select  # noqa: F401  (the spec's names, re-exported)
 
 
 def ensemble(candidates: list[list[str]], threshold: float = 0.01, workers: int = -1) -> list[Decision]:
-    """One Decision per instance; candidates[k] holds instance k's N >= 3 outputs (N may differ
-    between instances). The rule itself is `rules`' "paper" rule: one implementation for the
-    pipeline, `ensemble` on the CLI and `evaluate`."""
-    from . import rules  # rules builds on this module's normalize, exact_group and Decision
-
-    if any(len(c) < 3 for c in candidates):
-        raise ValueError("the ensemble needs at least 3 candidate outputs per instance")
-    decisions: list[Decision | None] = [None] * len(candidates)
-    by_n: dict[int, list[int]] = {}
-    for k, c in enumerate(candidates):
-        by_n.setdefault(len(c), []).append(k)
-    for ks in by_n.values():  # the rules score instances with the same N together
-        rows = [candidates[k] for k in ks]
-        for k, d in zip(ks, rules.decisions(rules.score(rows, "paper", workers=workers), rows, threshold, "rouge")):
-            decisions[k] = d
-    return decisions  # type: ignore[return-value]
+    """One Decision per instance by the paper rule; candidates[k] holds instance k's N >= 3 outputs
+    (N may differ between instances). The rule lives in `rules` beside the others."""
+    return select(candidates, "paper", threshold, workers=workers)
 
 
 def align(instances: list[dict], outputs: list[list[dict]], names: list[str]) -> list[list[str]]:

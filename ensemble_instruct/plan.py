@@ -10,7 +10,7 @@ Memory per (model, stage), llama.cpp (measured on the CPU, see the README's `pla
 - weights: the GGUF's tensors. With `gpu_layers` g, the last min(g, n_layers) repeating layers go to
   the GPU, and the output layer too when g > n_layers (llama.cpp's rule); the token embeddings
   stay on the CPU. On the CPU the file is mmapped and all of it is touched (resident).
-- KV cache: `backends.kv_cells` cells (the formula the engine sizes its cache with) x
+- KV cache: `kvcache.kv_cells` cells (the formula the engine sizes its cache with) x
   n_layers x n_kv_heads x (head_k + head_v) x 2 bytes (f16); each layer's part on its layer's device.
 - compute: llama.cpp reserves the peak of a worst-case graph: max(logits n_ubatch x n_vocab x 4 B,
   attention scores n_ubatch x n_kv x n_heads x 4 B) + a few n_ubatch x n_embd x 4 B activations,
@@ -35,8 +35,8 @@ import struct
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .backends import kv_cells
-from .backends.llamacpp import N_UBATCH  # the engine's micro-batch: its compute buffer is sized by it
+from . import kvcache
+from .kvcache import N_UBATCH, kv_cells  # the engine's cache formula and micro-batch (its compute buffer)
 from .config import CACHE, Config, ModelCard, _hub_cached, _package_dir
 from .errors import UserError
 
@@ -377,12 +377,8 @@ def stage_needs(cfg: Config, card: ModelCard, role: str, count=estimate_tokens) 
 
 
 def layout(card: ModelCard, shape: Shape, prefix: int) -> str:
-    """The KV layout the engine picks (LlamaCppBackend.layout_for, without a loaded model)."""
-    if shape.sliding_window > 0:
-        return "split"
-    if card.kv != "auto":
-        return card.kv
-    return "unified" if prefix and card.prompt_format != "chat" else "split"
+    """The KV layout the engine picks, without a loaded model."""
+    return kvcache.layout(card.kv, shape.sliding_window > 0, bool(prefix), card.prompt_format == "chat")
 
 
 def cells_for(card: ModelCard, shape: Shape, need: Need, parallel: int) -> tuple[str, int, int, int]:

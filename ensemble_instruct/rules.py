@@ -5,7 +5,7 @@ keep) and a confidence; the instance is kept when the confidence is above the th
 pick is not empty. Scoring once and thresholding afterwards makes a threshold sweep cheap and
 monotone (a higher threshold keeps a subset of the rows).
 
-- paper: the spec's rule, and its only implementation (`ensemble.ensemble` runs it). An
+- paper: the spec's rule, and its only implementation (`ensemble.ensemble` calls it). An
   exact-match group wins; otherwise the confidence is the smallest pairwise ROUGE-L and the pick
   the candidate with the largest summed agreement.
 - weighted: the same keep decision as paper (so the same kept rows), but the pick is a weighted
@@ -19,14 +19,15 @@ monotone (a higher threshold keeps a subset of the rows).
 """
 from __future__ import annotations
 
+import re
+import string
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import combinations
 
 import numpy as np
 
-from . import ensemble as ens
 from .errors import UserError
 from .similarity import Vocab, encode_texts, rouge_pairs_encoded, tokenize
 
@@ -46,6 +47,41 @@ HELP = {
     "weighted-chrf": "as weighted, with chrF (character n-grams) as the similarity",
     "quorum": "keep if some k candidates agree pairwise (k: a majority by default); pick among them by the vote",
 }
+
+
+# ---------------------------------------------------------------- what a rule decides
+
+_PUNCT = str.maketrans("", "", string.punctuation)
+_WS = re.compile(r"\s+")
+
+
+def normalize(text: str) -> str:
+    """Lowercase, drop ASCII punctuation, collapse whitespace."""
+    return _WS.sub(" ", text.lower().translate(_PUNCT)).strip()
+
+
+@dataclass
+class Decision:
+    kept: bool
+    rule: str  # "exact", "rouge", "below_threshold"
+    winner: int | None  # index of the kept candidate
+    output: str | None
+    scores: dict[str, float] = field(default_factory=dict)  # "i-j" -> ROUGE-L F1 (rouge rule)
+    group: list[int] = field(default_factory=list)  # members of the exact-match group
+
+
+def exact_group(norms: list[str]) -> list[int]:
+    """Members of the largest group of equal non-empty normalized texts (>= 2), else []."""
+    groups: dict[str, list[int]] = {}
+    for i, n in enumerate(norms):
+        if n:
+            groups.setdefault(n, []).append(i)
+    best: list[int] = []
+    for members in groups.values():  # dict order = order of each group's first member
+        if len(members) >= 2 and len(members) > len(best):
+            best = members
+    return best
+
 
 
 # ---------------------------------------------------------------- similarities (on normalized text)
@@ -147,8 +183,8 @@ def score(candidates: list[list[str]], rule: str = DEFAULT, quorum: int = 0, wor
     n = len(candidates[0]) if candidates else 3
     if any(len(c) != n for c in candidates) or n < 3:
         raise ValueError("every instance needs the same number (>= 3) of candidate outputs")
-    norms = [[ens.normalize(t) for t in c] for c in candidates]
-    groups = [ens.exact_group(r) for r in norms]
+    norms = [[normalize(t) for t in c] for c in candidates]
+    groups = [exact_group(r) for r in norms]
     S = similarity_matrices(norms, sim, workers)
     rows = len(candidates)
     offdiag = S[:, ~np.eye(n, dtype=bool)].reshape(rows, -1)
@@ -185,11 +221,11 @@ def score(candidates: list[list[str]], rule: str = DEFAULT, quorum: int = 0, wor
 
 
 def kept_mask(scored: Scored, candidates: list[list[str]], threshold: float) -> np.ndarray:
-    nonempty = np.array([bool(ens.normalize(c[p])) for c, p in zip(candidates, scored.pick)], dtype=bool)
+    nonempty = np.array([bool(normalize(c[p])) for c, p in zip(candidates, scored.pick)], dtype=bool)
     return (scored.confidence > threshold) & nonempty
 
 
-def decisions(scored: Scored, candidates: list[list[str]], threshold: float, rule: str) -> list[ens.Decision]:
+def decisions(scored: Scored, candidates: list[list[str]], threshold: float, rule: str) -> list[Decision]:
     keep = kept_mask(scored, candidates, threshold)
     n = scored.S.shape[1] if len(candidates) else 0
     pairs = list(combinations(range(n), 2))
@@ -198,18 +234,27 @@ def decisions(scored: Scored, candidates: list[list[str]], threshold: float, rul
         g, p = scored.groups[k], int(scored.pick[k])
         s = {} if g else {f"{i}-{j}": float(scored.S[k, i, j]) for i, j in pairs}
         if keep[k]:
-            out.append(ens.Decision(True, "exact" if p in g else rule, p, c[p], scores=s, group=g))
+            out.append(Decision(True, "exact" if p in g else rule, p, c[p], scores=s, group=g))
         else:
-            out.append(ens.Decision(False, "below_threshold", None, None, scores=s, group=g))
+            out.append(Decision(False, "below_threshold", None, None, scores=s, group=g))
     return out
 
 
 def select(candidates: list[list[str]], rule: str = DEFAULT, threshold: float = 0.01, quorum: int = 0,
-           workers: int = -1) -> list[ens.Decision]:
-    """The ensemble step with the chosen rule; `paper` is `ensemble.ensemble` (which also takes
-    instances with different numbers of candidates, and records the rule as "rouge")."""
-    if rule == "paper":
-        return ens.ensemble(candidates, threshold, workers)
-    if not candidates:
-        return []
-    return decisions(score(candidates, rule, quorum, workers), candidates, threshold, rule)
+           workers: int = -1) -> list[Decision]:
+    """The ensemble step with the chosen rule, one Decision per instance. `paper` also takes
+    instances with different numbers of candidates (scored in groups of the same N) and records
+    its ROUGE rule as "rouge"."""
+    if rule != "paper":
+        return decisions(score(candidates, rule, quorum, workers), candidates, threshold, rule) if candidates else []
+    if any(len(c) < 3 for c in candidates):
+        raise ValueError("the ensemble needs at least 3 candidate outputs per instance")
+    out: list[Decision | None] = [None] * len(candidates)
+    by_n: dict[int, list[int]] = {}
+    for k, c in enumerate(candidates):
+        by_n.setdefault(len(c), []).append(k)
+    for ks in by_n.values():  # the rules score instances with the same N together
+        rows = [candidates[k] for k in ks]
+        for k, d in zip(ks, decisions(score(rows, "paper", workers=workers), rows, threshold, "rouge")):
+            out[k] = d
+    return out  # type: ignore[return-value]

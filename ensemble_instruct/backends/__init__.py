@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..config import ModelCard
+from ..kvcache import kv_cells  # noqa: F401  (tests and benches size caches with it)
 from ..errors import OutOfMemory, UserError
 
 
@@ -42,24 +43,6 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     finish: str  # why it ended: a stop string, the end-of-text token, the token limit, no room to start, a loop
-
-
-KV_PAD = 256  # llama.cpp pads a context to this many cells
-
-
-def kv_cells(layout: str, parallel: int, prefix: int, per_seq: int) -> tuple[int, int]:
-    """(context cells, sequences) of a llama.cpp context for `parallel` slots whose requests share
-    a cached prefix of `prefix` tokens (0: none) and need at most `per_seq` cells each: prompt +
-    new tokens ("unified": beyond the prefix). One formula for the engine, which sizes its cache
-    with it, and for `run.py plan`, which predicts that size.
-    - unified: one stream; the prefix is stored once and every slot adds its own cells.
-    - split: a stream per sequence, all of one size; the prefix (when there is one) is a sequence
-      of its own and is copied into each slot's stream."""
-    pad = lambda n: -(-n // KV_PAD) * KV_PAD
-    if layout == "unified":
-        return pad(prefix + parallel * per_seq), parallel + 1
-    n_seq = parallel + (1 if prefix else 0)
-    return n_seq * pad(max(per_seq, prefix)), n_seq
 
 
 def too_long(n_prompt: int = 0) -> Completion:

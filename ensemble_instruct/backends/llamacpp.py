@@ -42,10 +42,10 @@ import numpy as np  # llama-cpp-python's own dependency
 
 from ..config import ModelCard, check_gguf, resolve_weights
 from ..errors import OutOfMemory, UserError
-from . import LOOP_EVERY, LOOP_MIN, Backend, Completion, Decoding, kv_cells, stop_at, too_long
+from .. import kvcache
+from ..kvcache import N_BATCH, N_UBATCH, kv_cells
+from . import LOOP_EVERY, LOOP_MIN, Backend, Completion, Decoding, stop_at, too_long
 
-N_UBATCH = 512  # tokens per pass over the weights (llama.cpp's micro-batch)
-N_BATCH = 2048  # tokens per llama_decode call; a larger step is split into several calls
 PIECE_BYTES = 64  # first guess of a token's text length; a longer one is asked for again
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama_token_data
 
@@ -107,8 +107,6 @@ class LlamaCppBackend(Backend):
         self.add_bos = llama_cpp.llama_vocab_get_add_bos(self.vocab)
         self._piece = ctypes.create_string_buffer(PIECE_BYTES)
         self._chat_template = llama_cpp.llama_model_chat_template(self.model, None) if card.prompt_format == "chat" else None
-        # A sliding-window model (Gemma 3) in a unified cache: llama.cpp reuses cells that fell out
-        # of the window, so where a window's tokens land would depend on earlier windows.
         self.swa = llama_cpp.llama_model_n_swa(self.model) > 0
         try:
             if card.prompt_format == "chat" and not self._chat_template:
@@ -118,15 +116,8 @@ class LlamaCppBackend(Backend):
             raise
 
     def layout_for(self, prefix: str | None) -> str:
-        """The KV layout for requests with (or without) a shared prefix. "auto" (measured on the
-        CPU, see the README): one shared stream when they share a prefix, stored once and mixed
-        freely into each pass; a stream per sequence otherwise, whose attention scans only its
-        own cells."""
-        if self.swa:
-            return "split"
-        if self.card.kv != "auto":
-            return self.card.kv
-        return "unified" if prefix and self._chat_template is None else "split"
+        """The KV layout for requests with (or without) a shared prefix (kvcache.layout)."""
+        return kvcache.layout(self.card.kv, self.swa, bool(prefix), self.card.prompt_format == "chat")
 
     def reserve(self, per_seq: int) -> None:
         """A cache for `parallel` sequences of `per_seq` cells each, without a shared prefix (what
