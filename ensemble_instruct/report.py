@@ -6,6 +6,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from . import lockfile
 from .store import read_jsonl
 
 TYPES = ("A", "B")
@@ -190,7 +191,9 @@ def build_report(run_dir: Path, sample: int = 5) -> Path:
     md = [f"# Run report: `{run_dir.name}`", "",
           f"Seed {manifest.get('seed')}, generator `{Path(manifest['fingerprint']['config']['generator']).stem}`, "
           f"extra models {', '.join('`' + Path(p).stem + '`' for p in manifest['fingerprint']['config']['extra'])}; "
-          f"dataset: **{sum(f[t]['kept'] for t in TYPES)} examples**.", "", "## Funnel", ""]
+          f"dataset: **{sum(f[t]['kept'] for t in TYPES)} examples**.", "",
+          f"Environment: Python {manifest.get('versions', {}).get('python', '?')}, "
+          f"{lockfile.describe(manifest.get('versions', {}).get('lock'))}.", "", "## Funnel", ""]
     keys = [("requests", "generation requests"), ("raw_instructions", "raw instructions"),
             ("instruction_rejected", "rejected (reason: count)"), ("accepted_instructions", "accepted instructions"),
             ("instances", "instances generated"), ("instance_dropped", "instances dropped (reason: count)"),

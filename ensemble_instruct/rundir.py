@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import config as _config, templates
+from . import config as _config, lockfile, templates
 from .backends import check_installed, preflight
 from .config import ROOT, Config, ModelCard, check_weights, file_hash, load_card, load_config, weights_record
 from .errors import UserError
@@ -184,6 +184,7 @@ def versions() -> dict:
             out[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
             pass
+    out["lock"] = lockfile.record()
     return out
 
 

