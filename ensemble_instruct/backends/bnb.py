@@ -25,7 +25,7 @@ def _refuse(repo_id, *args, **kwargs):
 
 def load():
     """Import bitsandbytes (once) with the hub kernel lookup refused; returns the module."""
-    if "bitsandbytes" in sys.modules:
+    if sys.modules.get("bitsandbytes") is not None:  # None there: unusable, and the import below says so
         return sys.modules["bitsandbytes"]
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropKernelFallback())
     try:
