@@ -1,3 +1,4 @@
+import json
 import os
 import random
 import re
@@ -70,13 +71,56 @@ def rng():
     return random.Random(1234)
 
 
+def cli(*args, env=None, cwd=None, timeout=600, script="run.py", wrapper=None, offline=True, **kw):
+    """`python run.py ARGS...` in a subprocess, stdout and stderr captured as text, in the repository
+    root unless cwd says otherwise. The environment is this process's, with HF_HUB_OFFLINE=1 (unset
+    with offline=False, for a test that points HF_ENDPOINT at a HubRecorder) and env's variables on
+    top. script: another script instead of run.py (relative to the root: tests/inject.py, scripts/...).
+    wrapper: Python code run first in the same process, then the real CLI (a patch that simulates the
+    environment). The rest goes to subprocess.run (preexec_fn, check, ...)."""
+    if wrapper is not None:
+        code = (f"import sys\n{wrapper}\nfrom ensemble_instruct.cli import main\n"
+                f"sys.argv = ['run.py'] + {list(map(str, args))!r}\nmain()")
+        argv = [sys.executable, "-c", code]
+    else:
+        argv = [sys.executable, str(ROOT / script), *map(str, args)]
+    full = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    if not offline:
+        full.pop("HF_HUB_OFFLINE")
+    return subprocess.run(argv, capture_output=True, text=True, env=full, cwd=cwd or ROOT, timeout=timeout, **kw)
+
+
+def one_line_error(r, code, *fragments) -> str:
+    """r exited with code, and its stderr is exactly one non-empty line (no traceback, no progress)
+    that contains each fragment. Returns that line."""
+    err = r.stderr.strip()
+    assert r.returncode == code, (r.returncode, err[-2000:])
+    assert err and "Traceback" not in err and len(err.splitlines()) == 1, err[-2000:]
+    for f in fragments:
+        assert f in err, (f, err)
+    return err
+
+
+def read_jsonl(path) -> list:
+    """The records of a JSONL file, one a line (a blank or broken line fails the test)."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def write_jsonl(path, rows, newline_at_end=True):
+    """rows as a JSONL file at path (without the last newline when newline_at_end is false, as an
+    editor may save it); returns path."""
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    path.write_text(text if newline_at_end else text.rstrip("\n"))
+    return path
+
+
 def run_generate(out, *extra, env=None, config=None):
     """`run.py generate` in a subprocess, on the CI preset (the embedded tiny models). With an
     INJECT_* variable in env, through tests/inject.py (crash hooks, fake models)."""
     script = "tests/inject.py" if any(k.startswith("INJECT_") for k in env or {}) else "run.py"
-    argv = [sys.executable, str(ROOT / script), "generate", "-c", str(config or ROOT / "configs" / "ci.toml"),
-            "--out", str(out), *map(str, extra)]
-    return subprocess.run(argv, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=900)
+    return cli("generate", "-c", config or ROOT / "configs" / "ci.toml", "--out", out, *extra, env=env,
+               script=script, timeout=900)
 
 
 @pytest.fixture(scope="session")

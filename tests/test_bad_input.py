@@ -1,33 +1,16 @@
 """Every bad input is one line on stderr, a non-zero exit, no traceback, nothing damaged."""
-import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, cli, one_line_error
 
 CI = ROOT / "configs" / "ci.toml"
 SMOL = ROOT / "quantized" / "smollm2-135m.toml"
 
 
-def cli(*args, wrapper=None, preexec=None):
-    if wrapper:  # run the real CLI after a patch that simulates the environment
-        code = f"import sys\n{wrapper}\nfrom ensemble_instruct.cli import main\nsys.argv = ['run.py'] + {list(map(str, args))!r}\nmain()"
-        argv = [sys.executable, "-c", code]
-    else:
-        argv = [sys.executable, str(ROOT / "run.py"), *map(str, args)]
-    return subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, preexec_fn=preexec, timeout=600)
-
-
 def assert_one_line_error(r, *fragments):
-    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
-    err = r.stderr.strip()
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    assert err.startswith("error: ")
-    for f in fragments:
-        assert f in err, (f, err)
+    assert one_line_error(r, 2, *fragments).startswith("error: ")
 
 
 def config(tmp_path, text):

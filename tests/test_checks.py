@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import fakes
-from conftest import ROOT
+from conftest import ROOT, read_jsonl
 from ensemble_instruct import rundir, templates
 from ensemble_instruct.backends import Completion, too_long
 from ensemble_instruct.config import load_card
@@ -139,7 +139,7 @@ class ThreeAtOnce(fakes.FakeBackend):
 def test_items_beyond_the_target_are_marked_over_target(tmp_path, monkeypatch):
     run = opened(tmp_path, monkeypatch)  # target A = 2
     instructions.run_stage(run, ThreeAtOnce(run.generator[0], window=1), "A")
-    recs = [json.loads(l) for l in run.file("instructions_A.jsonl").open()]
+    recs = read_jsonl(run.file("instructions_A.jsonl"))
     assert len(recs) == 1  # one request was enough
     assert [(it["status"], it["reason"]) for it in recs[0]["items"]] == [
         ("accepted", None), ("accepted", None), ("rejected", "over_target")]
@@ -167,18 +167,18 @@ def test_prompt_too_long_is_recorded_and_counts_as_empty(tmp_path, monkeypatch):
     accepted = [it["text"] for it in instructions.accepted(instructions.records(run, "A"))]
     for typ in "AB":  # the instance prompt of the first type-A instruction does not fit
         instances.run_stage(run, TooLongFor(run.generator[0], f"instruction: {accepted[0]}\n"), typ)
-    inst = [json.loads(l) for l in run.file("instances_A.jsonl").open()]
+    inst = read_jsonl(run.file("instances_A.jsonl"))
     assert [(r["reason"], r["finish"]) for r in inst] == [("prompt_too_long", "prompt_too_long"),
                                                            (None, "stop"), (None, "stop")]
     (c1, _), (c2, _) = run.extras
     for typ in "AB":  # extra model 1 has no room for the second instruction's prompt
         outputs.run_stage(run, TooLongFor(c1, accepted[1]), typ)
         outputs.run_stage(run, fakes.FakeBackend(c2), typ)
-    out1 = [json.loads(l) for l in run.file("outputs_extra1_A.jsonl").open()]
+    out1 = read_jsonl(run.file("outputs_extra1_A.jsonl"))
     assert [(r["output"], r["reason"]) for r in out1] == [("", "prompt_too_long"),
                                                            (fakes.answer_for(accepted[2]), None)]
     ensemble.run_stage(run)
-    ens = [json.loads(l) for l in run.file("ensemble_A.jsonl").open()]
+    ens = read_jsonl(run.file("ensemble_A.jsonl"))
     # generator and extra2 agree exactly; extra1 missing counts as an empty candidate, never a winner
     assert [(r["instruction"], r["kept"], r["rule"], r["agreeing"]) for r in ens] == [
         (accepted[1], True, "exact", ["gen", "extra2"]), (accepted[2], True, "exact", ["gen", "extra1", "extra2"])]

@@ -1,22 +1,11 @@
-import json
 import subprocess
 import sys
 
-from conftest import ROOT
-
-
-def run(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd)
-
-
-def write(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+from conftest import ROOT, cli, one_line_error, read_jsonl, write_jsonl
 
 
 def test_help_is_fast_and_imports_no_torch():
-    r = run("--help")
+    r = cli("--help")
     assert r.returncode == 0 and "ensemble" in r.stdout
     code = ("import sys, ensemble_instruct.cli, ensemble_instruct.ensemble, ensemble_instruct.novelty;"
             "assert not {'torch', 'transformers', 'llama_cpp'} & set(sys.modules)")
@@ -24,34 +13,34 @@ def test_help_is_fast_and_imports_no_torch():
 
 
 def test_ensemble_by_id_and_by_line(tmp_path):
-    inst = write(tmp_path / "inst.jsonl", [
+    inst = write_jsonl(tmp_path / "inst.jsonl", [
         {"id": "a", "instruction": "Capital of France?", "input": "", "output": "Paris."},
         {"id": "b", "instruction": "Add", "input": "2+2", "output": "4"},
         {"id": "c", "instruction": "Say hi", "input": "", "output": "hello there friend"},
     ])
-    o1 = write(tmp_path / "m1.jsonl", [{"id": "c", "output": "hello there"}, {"id": "a", "output": "paris"},
-                                       {"id": "b", "output": "five"}])
-    o2 = write(tmp_path / "m2.jsonl", [{"id": "a", "output": "Lyon"}, {"id": "b", "output": "six"},
-                                       {"id": "c", "output": "hello friend"}])
+    o1 = write_jsonl(tmp_path / "m1.jsonl", [{"id": "c", "output": "hello there"}, {"id": "a", "output": "paris"},
+                                             {"id": "b", "output": "five"}])
+    o2 = write_jsonl(tmp_path / "m2.jsonl", [{"id": "a", "output": "Lyon"}, {"id": "b", "output": "six"},
+                                             {"id": "c", "output": "hello friend"}])
     out = tmp_path / "out.jsonl"
-    r = run("ensemble", inst, o1, o2, "-o", out)
+    r = cli("ensemble", inst, o1, o2, "-o", out)
     assert r.returncode == 0, r.stderr
     assert "kept 2 of 3" in r.stdout and "exact match: 1" in r.stdout and "below threshold: 1" in r.stdout
-    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    rows = read_jsonl(out)
     assert [(x["id"], x["output"], x["rule"]) for x in rows] == [("a", "Paris.", "exact"), ("c", "hello there friend", "rouge")]
     assert rows[0]["agreeing"] == ["generator", "m1"]
     # line by line, no ids
     for p in (inst, o1, o2):
-        write(p, [{k: v for k, v in json.loads(l).items() if k != "id"} for l in p.read_text().splitlines()])
-    r = run("ensemble", inst, o1, o2, "-o", out)
+        write_jsonl(p, [{k: v for k, v in x.items() if k != "id"} for x in read_jsonl(p)])
+    r = cli("ensemble", inst, o1, o2, "-o", out)
     assert r.returncode == 0 and "kept 0 of 3" in r.stdout  # by line, m1 no longer lines up with inst
 
 
 def test_ensemble_errors_are_one_line(tmp_path):
-    inst = write(tmp_path / "inst.jsonl", [{"id": "a", "instruction": "x", "output": "y"}])
-    o1 = write(tmp_path / "o1.jsonl", [{"id": "a", "output": "y"}])
-    o2 = write(tmp_path / "o2.jsonl", [{"id": "z", "output": "y"}])
-    short = write(tmp_path / "short.jsonl", [])
+    inst = write_jsonl(tmp_path / "inst.jsonl", [{"id": "a", "instruction": "x", "output": "y"}])
+    o1 = write_jsonl(tmp_path / "o1.jsonl", [{"id": "a", "output": "y"}])
+    o2 = write_jsonl(tmp_path / "o2.jsonl", [{"id": "z", "output": "y"}])
+    short = write_jsonl(tmp_path / "short.jsonl", [])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a", "output": "y"}\n{oops\n')
     cases = [
@@ -62,12 +51,11 @@ def test_ensemble_errors_are_one_line(tmp_path):
         ((inst, o1), "at least 2 OUTPUTS"),
     ]
     for files, msg in cases:
-        r = run("ensemble", *files, "-o", tmp_path / "out.jsonl")
-        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (msg, r.stderr)
-        assert len(r.stderr.strip().splitlines()) == 1
-    r = run("ensemble", inst, o1, o1, "-o", tmp_path / "out.jsonl", "--threshold", "-1")
+        r = cli("ensemble", *files, "-o", tmp_path / "out.jsonl")
+        one_line_error(r, 2, msg)
+    r = cli("ensemble", inst, o1, o1, "-o", tmp_path / "out.jsonl", "--threshold", "-1")
     assert r.returncode == 2 and "--threshold" in r.stderr
-    write(o2, [{"output": "y"}, {"output": "z"}])
-    write(inst, [{"instruction": "x", "output": "y"}])
-    r = run("ensemble", inst, o1, o2, "-o", tmp_path / "out.jsonl")
+    write_jsonl(o2, [{"output": "y"}, {"output": "z"}])
+    write_jsonl(inst, [{"instruction": "x", "output": "y"}])
+    r = cli("ensemble", inst, o1, o2, "-o", tmp_path / "out.jsonl")
     assert r.returncode == 2 and "2 outputs for 1 instances" in r.stderr

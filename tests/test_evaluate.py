@@ -2,29 +2,16 @@
 are known, rouge-score as the reference, monotone sweeps, deterministic rules, one-line errors."""
 import json
 import random
-import subprocess
-import sys
 import typing
 
 import numpy as np
 import pytest
 from rouge_score import rouge_scorer
 
-from conftest import ROOT, paper_rule_by_hand, random_text
+from conftest import ROOT, cli, one_line_error, paper_rule_by_hand, random_text, read_jsonl, write_jsonl
 from ensemble_instruct import rules
 from ensemble_instruct.config import EnsembleCfg
 from ensemble_instruct.evaluate import SWEEP, gold_rouge, measure
-
-
-def run(*args):
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT)
-
-
-def write(path, rows, newline_at_end=True):
-    text = "".join(json.dumps(r) + "\n" for r in rows)
-    path.write_text(text if newline_at_end else text.rstrip("\n"))
-    return path
 
 
 # Four tasks, three models; the numbers below are worked out by hand (see each row).
@@ -36,17 +23,17 @@ R3 = 2 * 0.7 / 1.7  # 7 of 10 gold tokens, all 7 of the answer's: p = 1, r = 0.7
 
 
 def hand_built(tmp_path, newline_at_end=True):
-    tasks = write(tmp_path / "tasks.jsonl", [{"id": f"t{k}", "instruction": f"task {k}", "input": "", "output": g}
-                                             for k, g in enumerate(GOLD)], newline_at_end)
-    files = [write(tmp_path / f"m{i}.jsonl", [{"id": f"t{k}", "output": o} for k, o in enumerate(col)][::-1],
-                   newline_at_end) for i, col in enumerate((M1, M2, M3), 1)]
+    tasks = write_jsonl(tmp_path / "tasks.jsonl", [{"id": f"t{k}", "instruction": f"task {k}", "input": "", "output": g}
+                                                   for k, g in enumerate(GOLD)], newline_at_end)
+    files = [write_jsonl(tmp_path / f"m{i}.jsonl", [{"id": f"t{k}", "output": o} for k, o in enumerate(col)][::-1],
+                         newline_at_end) for i, col in enumerate((M1, M2, M3), 1)]
     return tasks, files
 
 
 def test_known_numbers_end_to_end(tmp_path):
     tasks, files = hand_built(tmp_path)
     out = tmp_path / "eval"
-    r = run("evaluate", "--tasks", tasks, "--outputs", *files, "--out", out)
+    r = cli("evaluate", "--tasks", tasks, "--outputs", *files, "--out", out)
     assert r.returncode == 0, r.stderr
     assert "Selection rules" in r.stdout and "paper *" in r.stdout
     m = json.loads((out / "metrics.json").read_text())
@@ -67,7 +54,7 @@ def test_known_numbers_end_to_end(tmp_path):
     assert m["rules"]["quorum"]["kept"] == 3
     for name in ("report.md", "report.html", "rows.jsonl"):
         assert (out / name).stat().st_size > 0
-    rows = [json.loads(x) for x in (out / "rows.jsonl").read_text().splitlines()]
+    rows = read_jsonl(out / "rows.jsonl")
     assert rows[2]["rules"]["paper"] == {"kept": True, "pick": "m3", "confidence": 0.7}
 
 
@@ -75,7 +62,7 @@ def test_known_numbers_end_to_end(tmp_path):
 def test_plots_in_the_report(tmp_path):
     tasks, files = hand_built(tmp_path)
     out = tmp_path / "eval"
-    r = run("evaluate", "--tasks", tasks, "--outputs", *files, "--out", out)
+    r = cli("evaluate", "--tasks", tasks, "--outputs", *files, "--out", out)
     assert r.returncode == 0 and "matplotlib is not installed" not in r.stderr, r.stderr
     for name in ("sweep.png", "models.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
@@ -84,24 +71,24 @@ def test_plots_in_the_report(tmp_path):
 
 def test_last_line_without_newline_is_data(tmp_path):
     tasks, files = hand_built(tmp_path, newline_at_end=False)
-    r = run("evaluate", "--tasks", tasks, "--outputs", *files, "--out", tmp_path / "eval")
+    r = cli("evaluate", "--tasks", tasks, "--outputs", *files, "--out", tmp_path / "eval")
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["rows"] == 4
 
 
 def test_matched_by_line_without_ids(tmp_path):
-    tasks = write(tmp_path / "tasks.jsonl", [{"instruction": f"task {k}", "output": g} for k, g in enumerate(GOLD)])
-    files = [write(tmp_path / f"m{i}.jsonl", [{"output": o} for o in col]) for i, col in enumerate((M1, M2, M3), 1)]
-    r = run("evaluate", "--tasks", tasks, "--outputs", *files, "--out", tmp_path / "eval")
+    tasks = write_jsonl(tmp_path / "tasks.jsonl", [{"instruction": f"task {k}", "output": g} for k, g in enumerate(GOLD)])
+    files = [write_jsonl(tmp_path / f"m{i}.jsonl", [{"output": o} for o in col]) for i, col in enumerate((M1, M2, M3), 1)]
+    r = cli("evaluate", "--tasks", tasks, "--outputs", *files, "--out", tmp_path / "eval")
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["rules"]["paper"]["kept"] == 2
 
 
 def test_seed_tasks_are_the_default(tmp_path):
-    seeds = [json.loads(x) for x in (ROOT / "seeds" / "seed_tasks.jsonl").read_text().splitlines()]
-    files = [write(tmp_path / f"m{i}.jsonl", [{"id": s["id"], "output": s["instances"][0]["output"][: 20 * i]}
-                                              for s in seeds]) for i in (1, 2, 3)]
-    r = run("evaluate", "--outputs", *files, "--out", tmp_path / "eval", "--limit", 50)
+    seeds = read_jsonl(ROOT / "seeds" / "seed_tasks.jsonl")
+    files = [write_jsonl(tmp_path / f"m{i}.jsonl", [{"id": s["id"], "output": s["instances"][0]["output"][: 20 * i]}
+                                                    for s in seeds]) for i in (1, 2, 3)]
+    r = cli("evaluate", "--outputs", *files, "--out", tmp_path / "eval", "--limit", 50)
     assert r.returncode == 0, r.stderr
     m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert m["rows"] == 50 and 0 < m["models"]["m1"]["rouge_l"] < m["models"]["m3"]["rouge_l"] <= 1
@@ -109,8 +96,8 @@ def test_seed_tasks_are_the_default(tmp_path):
 
 def test_bad_input_is_one_line_exit_2(tmp_path):
     tasks, (f1, f2, f3) = hand_built(tmp_path)
-    no_gold = write(tmp_path / "nogold.jsonl", [{"id": "t0", "instruction": "x", "input": ""}])
-    other_ids = write(tmp_path / "other.jsonl", [{"id": f"u{k}", "output": "y"} for k in range(4)])
+    no_gold = write_jsonl(tmp_path / "nogold.jsonl", [{"id": "t0", "instruction": "x", "input": ""}])
+    other_ids = write_jsonl(tmp_path / "other.jsonl", [{"id": f"u{k}", "output": "y"} for k in range(4)])
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     blank = tmp_path / "blank.jsonl"
@@ -128,16 +115,15 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
         (("--tasks", tasks, f1, f2, f3), "after --outputs"),
     ]
     for args, msg in cases:
-        r = run("evaluate", *args, "--out", tmp_path / "eval")
-        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (msg, r.stderr)
-        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        r = cli("evaluate", *args, "--out", tmp_path / "eval")
+        one_line_error(r, 2, msg)
     bad_rule = tmp_path / "bad.toml"
     bad_rule.write_text('generator = "x"\nextra = ["y", "z"]\n[ensemble]\nrule = "best"\n')
-    r = run("evaluate", "--tasks", tasks, "--outputs", f1, f2, f3, "-c", bad_rule, "--out", tmp_path / "eval")
-    assert r.returncode == 2 and "ensemble.rule" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = cli("evaluate", "--tasks", tasks, "--outputs", f1, f2, f3, "-c", bad_rule, "--out", tmp_path / "eval")
+    one_line_error(r, 2, "ensemble.rule")
     big_quorum = tmp_path / "q.toml"
     big_quorum.write_text('generator = "x"\nextra = ["y", "z"]\n[ensemble]\nquorum = 4\n')
-    r = run("evaluate", "--tasks", tasks, "--outputs", f1, f2, f3, "-c", big_quorum, "--out", tmp_path / "eval")
+    r = cli("evaluate", "--tasks", tasks, "--outputs", f1, f2, f3, "-c", big_quorum, "--out", tmp_path / "eval")
     assert r.returncode == 2 and "quorum 4" in r.stderr
 
 
@@ -207,7 +193,7 @@ def test_same_metrics_twice(tmp_path):
     tasks, files = hand_built(tmp_path)
     outs = []
     for k in range(2):
-        assert run("evaluate", "--tasks", tasks, "--outputs", *files, "--out", tmp_path / f"e{k}").returncode == 0
+        assert cli("evaluate", "--tasks", tasks, "--outputs", *files, "--out", tmp_path / f"e{k}").returncode == 0
         outs.append((tmp_path / f"e{k}" / "metrics.json").read_bytes())
     assert outs[0] == outs[1]
 
@@ -246,12 +232,12 @@ def test_similarities_and_config_names():
 
 
 def test_ensemble_command_takes_a_rule(tmp_path):
-    inst = write(tmp_path / "inst.jsonl", [{"id": f"t{k}", "instruction": f"task {k}", "input": "", "output": o}
-                                           for k, o in enumerate(M1)])
-    o2 = write(tmp_path / "m2.jsonl", [{"id": f"t{k}", "output": o} for k, o in enumerate(M2)])
-    o3 = write(tmp_path / "m3.jsonl", [{"id": f"t{k}", "output": o} for k, o in enumerate(M3)])
+    inst = write_jsonl(tmp_path / "inst.jsonl", [{"id": f"t{k}", "instruction": f"task {k}", "input": "", "output": o}
+                                                 for k, o in enumerate(M1)])
+    o2 = write_jsonl(tmp_path / "m2.jsonl", [{"id": f"t{k}", "output": o} for k, o in enumerate(M2)])
+    o3 = write_jsonl(tmp_path / "m3.jsonl", [{"id": f"t{k}", "output": o} for k, o in enumerate(M3)])
     for rule, kept in (("paper", 2), ("weighted", 2), ("quorum", 3)):
-        r = run("ensemble", inst, o2, o3, "-o", tmp_path / "out.jsonl", "--rule", rule)
+        r = cli("ensemble", inst, o2, o3, "-o", tmp_path / "out.jsonl", "--rule", rule)
         assert r.returncode == 0 and f"kept {kept} of 4" in r.stdout, (rule, r.stdout, r.stderr)
-    r = run("ensemble", inst, o2, o3, "-o", tmp_path / "out.jsonl", "--rule", "best")
+    r = cli("ensemble", inst, o2, o3, "-o", tmp_path / "out.jsonl", "--rule", "best")
     assert r.returncode == 2 and "unknown rule" in r.stderr

@@ -1,19 +1,16 @@
 """`run.py evaluate` with the tiny models: each answers a few seed tasks, one model at a time,
 into the evaluation directory; a rerun loads no model and gives the same numbers."""
 import json
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, cli, read_jsonl
 
 pytestmark = pytest.mark.models
 
 
 def evaluate(*args):
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), "evaluate", "-c", str(ROOT / "configs" / "ci.toml"),
-                           *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=900)
+    return cli("evaluate", "-c", ROOT / "configs" / "ci.toml", *args, timeout=900)
 
 
 def test_evaluate_with_the_tiny_models(tmp_path):
@@ -22,7 +19,7 @@ def test_evaluate_with_the_tiny_models(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     names = ["smollm2-135m", "gemma3-270m", "smollm2-135m-hf-nf4"]  # generator, then the extras
     for name in names:
-        rows = [json.loads(x) for x in (out / f"answers_{name}.jsonl").read_text().splitlines()]
+        rows = read_jsonl(out / f"answers_{name}.jsonl")
         assert [x["id"] for x in rows] == [f"seed_task_{k}" for k in range(6)]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["rows"] == 6 and list(metrics["models"]) == names

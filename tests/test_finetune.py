@@ -11,13 +11,14 @@ import time
 
 import pytest
 
-from conftest import ROOT, user_visible
+import conftest
+from conftest import ROOT, one_line_error, read_jsonl, user_visible
 
 pytestmark = pytest.mark.models
 
 BASE = ROOT / "quantized" / "smollm2-135m-hf.toml"
 # one thread: the same adapter bytes in every run, and no thread thrashing on a busy CI machine
-ENV = {**os.environ, "ENSEMBLE_INSTRUCT_THREADS": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+THREADS = {"ENSEMBLE_INSTRUCT_THREADS": "1", "OMP_NUM_THREADS": "1"}
 EXAMPLES = [("Give a synonym of the word.", "happy", "joyful"), ("Reverse the word.", "stop", "pots"),
             ("Name three primary colors.", "", "Red, blue and yellow."), ("Add the two numbers.", "2 and 3", "5"),
             ("What is the capital of the country?", "Italy", "Rome"),
@@ -52,9 +53,8 @@ save_every = 1
 """
 
 
-def cli(*args, timeout=900):
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), *map(str, args)], capture_output=True, text=True,
-                          env=ENV, cwd=ROOT, timeout=timeout)
+def cli(*args, env=None, **kw):
+    return conftest.cli(*args, env={**THREADS, **(env or {})}, timeout=900, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +68,8 @@ def data(tmp_path_factory):
     return d
 
 
-def finetune(data, out, *extra):
-    return cli("finetune", data / "run", "--base", BASE, "--out", out, "-c", data / "ft.toml", *extra)
+def finetune(data, out, *extra, **kw):
+    return cli("finetune", data / "run", "--base", BASE, "--out", out, "-c", data / "ft.toml", *extra, **kw)
 
 
 def adapter(out):
@@ -82,9 +82,7 @@ def adapter(out):
 def tuned(data, hub):
     out = data / "tuned"
     # with the hub reachable (a recorder on loopback): the run must look nothing up
-    r = subprocess.run([sys.executable, str(ROOT / "run.py"), "finetune", str(data / "run"), "--base", str(BASE),
-                        "--out", str(out), "-c", str(data / "ft.toml"), "--max-steps", "4", "--seed", "7"],
-                       capture_output=True, text=True, env=hub.env(ENV), cwd=ROOT, timeout=900)
+    r = finetune(data, out, "--max-steps", 4, "--seed", 7, env=hub.env({}), offline=False)
     assert r.returncode == 0, r.stderr[-3000:]
     (data / "tuned.stderr").write_text(r.stderr)
     return out
@@ -95,7 +93,7 @@ def test_finetune_writes_adapter_merged_card_log_manifest(tuned, hub):
     # hub kernel, peft's FutureWarning), and no request to the hub (bitsandbytes fetches a kernel unless told not to)
     assert user_visible((tuned.parent / "tuned.stderr").read_text()) == []
     assert hub.requests == []
-    log = [json.loads(x) for x in (tuned / "train_log.jsonl").read_text().splitlines()]
+    log = read_jsonl(tuned / "train_log.jsonl")
     assert [x["step"] for x in log] == [1, 2, 3, 4] and all(x["loss"] > 0 for x in log)
     manifest = json.loads((tuned / "manifest.json").read_text())
     assert manifest["seed"] == 7 and manifest["steps"] == 4 and manifest["finished"] and manifest["method"] == "lora"
@@ -116,8 +114,8 @@ def test_tuned_card_answers_differently_in_evaluate_models(tuned, data, tmp_path
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics["models"]) == ["smollm2-135m-hf", "tuned"] and metrics["rules"] == {}
-    base = [json.loads(x)["output"] for x in (out / "answers_smollm2-135m-hf.jsonl").read_text().splitlines()]
-    mine = [json.loads(x)["output"] for x in (out / "answers_tuned.jsonl").read_text().splitlines()]
+    base = [x["output"] for x in read_jsonl(out / "answers_smollm2-135m-hf.jsonl")]
+    mine = [x["output"] for x in read_jsonl(out / "answers_tuned.jsonl")]
     assert base != mine  # the adapter changed the model
 
 
@@ -135,7 +133,8 @@ def test_sigkill_mid_training_resumes_to_the_same_adapter(data, tuned):
     out = data / "killed"
     p = subprocess.Popen([sys.executable, str(ROOT / "run.py"), "finetune", str(data / "run"), "--base", str(BASE),
                           "--out", str(out), "-c", str(data / "ft.toml"), "--max-steps", "4", "--seed", "7"],
-                         env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                         env={**os.environ, **THREADS, "HF_HUB_OFFLINE": "1"}, cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
     log = out / "train_log.jsonl"
     deadline = time.time() + 600
     while time.time() < deadline and p.poll() is None:
@@ -149,26 +148,24 @@ def test_sigkill_mid_training_resumes_to_the_same_adapter(data, tuned):
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = adapter(out), adapter(tuned)
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)  # bit for bit
-    assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [1, 2, 3, 4]
+    assert [x["step"] for x in read_jsonl(log)] == [1, 2, 3, 4]
     assert (out / "train_log.jsonl").read_text() == (tuned / "train_log.jsonl").read_text()
 
 
 def test_bad_input_is_one_line_and_exit_2(data, tmp_path):
-    def bad(r, words):
-        assert r.returncode == 2, r.stderr[-2000:]
-        assert len(r.stderr.strip().splitlines()) == 1 and words in r.stderr, r.stderr
-
     empty = tmp_path / "empty"
     empty.mkdir()
-    bad(cli("finetune", empty, "--base", BASE, "--out", tmp_path / "o1"), "no dataset.jsonl")
+    one_line_error(cli("finetune", empty, "--base", BASE, "--out", tmp_path / "o1"), 2, "no dataset.jsonl")
     (empty / "dataset.jsonl").write_text("")
-    bad(cli("finetune", empty, "--base", BASE, "--out", tmp_path / "o2"), "no examples")
+    one_line_error(cli("finetune", empty, "--base", BASE, "--out", tmp_path / "o2"), 2, "no examples")
     bert = tmp_path / "bert"  # an encoder: nothing to generate answers with
     bert.mkdir()
     (bert / "config.json").write_text(json.dumps({"model_type": "distilbert", "architectures": ["DistilBertModel"]}))
     (tmp_path / "bert.toml").write_text('name = "bert"\nbackend = "transformers"\n[source]\npath = "bert"\n')
-    bad(cli("finetune", data / "run", "--base", tmp_path / "bert.toml", "--out", tmp_path / "o3"),
-        "not a causal or seq2seq language model")
+    one_line_error(cli("finetune", data / "run", "--base", tmp_path / "bert.toml", "--out", tmp_path / "o3"), 2,
+                   "not a causal or seq2seq language model")
     (tmp_path / "broken.toml").write_text('name = "x"\nbackend = "transformers"\nbatch_size = "many"\n')
-    bad(cli("finetune", data / "run", "--base", tmp_path / "broken.toml", "--out", tmp_path / "o4"), "broken.toml")
-    bad(cli("finetune", data / "run", "--base", BASE, "--out", tmp_path / "o5", "--max-steps", 0), "--max-steps")
+    one_line_error(cli("finetune", data / "run", "--base", tmp_path / "broken.toml", "--out", tmp_path / "o4"), 2,
+                   "broken.toml")
+    one_line_error(cli("finetune", data / "run", "--base", BASE, "--out", tmp_path / "o5", "--max-steps", 0), 2,
+                   "--max-steps")

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 import fakes
-from conftest import run_generate
+from conftest import one_line_error, run_generate
 from ensemble_instruct import rundir
 from ensemble_instruct.config import load_card
 from ensemble_instruct.errors import UserError
-from test_runs import cli, fake_run, manifest, one_line_error  # noqa: F401  (fake_run: a fixture)
+from test_runs import cli, fake_run, manifest  # noqa: F401  (fake_run: a fixture)
 
 
 def names(run):

@@ -1,9 +1,8 @@
 """A model that returns garbage is counted and filtered, never a crash (control flow: fake models)."""
-import json
-
 import fakes
+from conftest import read_jsonl
 from ensemble_instruct import rundir
-from ensemble_instruct.backends import Backend, Completion
+from ensemble_instruct.backends import Completion
 from ensemble_instruct.report import funnel
 from ensemble_instruct.stages import ensemble, instances, instructions, outputs
 
@@ -11,18 +10,15 @@ GARBAGE = ["", "   ", "the same words " * 200, "bytes \ufffd\ufffd that were not
            "|EoS||EoS|", "\n\n\n", "1.\n2.\n3.", "Write a program to do it all |EoS|", "ok " * 400]
 
 
-class GarbageModel(Backend):
-    window = 3
+class GarbageModel(fakes.FakeBackend):
+    """Answers each prompt with the next of GARBAGE, whatever the prompt and the seed."""
 
     def __init__(self, card):
-        self.card = card
+        super().__init__(card, window=3)
         self.n = 0
 
     def count_tokens(self, text):
         return len(text) // 4
-
-    def stream(self, prompts, params, seeds, prefix=None):
-        yield from self.generate(prompts, params, seeds, prefix)  # the scripted answers ignore windows
 
     def generate(self, prompts, params, seeds, prefix=None):
         out = []
@@ -31,9 +27,6 @@ class GarbageModel(Backend):
             self.n += 1
             out.append(Completion(text, 10, len(text.split()), "length" if len(text) > 500 else "stop"))
         return out
-
-    def close(self):
-        pass
 
 
 VALID = ["Rewrite the following sentence as a polite question.", "Translate this English text into formal German.",
@@ -100,12 +93,12 @@ def test_garbage_instances_and_outputs_reach_the_ensemble(tmp_path, monkeypatch)
     assert f["A"]["instance_dropped"] == {"repetitive": 1} and f["B"]["instance_dropped"] == {"empty_output": 1}
     assert f["A"]["usable_instances"] == 3 and f["B"]["usable_instances"] == 1
     # every garbage extra output is recorded with why it can never be kept
-    reasons = [json.loads(l)["reason"] for t in "AB" for l in (run.dir / f"outputs_extra1_{t}.jsonl").open()]
+    reasons = [r["reason"] for t in "AB" for r in read_jsonl(run.dir / f"outputs_extra1_{t}.jsonl")]
     assert reasons == ["empty_output", "empty_output", "repetitive", "invalid_text"]
     # the garbage model's outputs count as empty: agreement of the other two decides
-    ens = {r["instruction"]: r for t in "AB" for r in map(json.loads, (run.dir / f"ensemble_{t}.jsonl").open())}
+    ens = {r["instruction"]: r for t in "AB" for r in read_jsonl(run.dir / f"ensemble_{t}.jsonl")}
     assert set(ens) == {VALID[0], VALID[1], VALID[2], VALID[4]}
     assert not ens[VALID[2]]["kept"] and ens[VALID[2]]["rule"] == "below_threshold"
-    dataset = [json.loads(l) for l in (run.dir / "dataset.jsonl").read_text().splitlines()]
+    dataset = read_jsonl(run.dir / "dataset.jsonl")
     assert [(r["instruction"], r["output"], r["rule"], r["agreeing"]) for r in dataset] == [
         (VALID[k], fakes.answer_for(VALID[k]), "exact", ["gen", "extra2"]) for k in (0, 1, 4)]

@@ -2,22 +2,16 @@
 and HF_ENDPOINT pointing at a recorder on loopback, loading the tiny model in 4-bit (bitsandbytes,
 which fetches a CPU kernel from the hub when it can) makes no request. finetune is checked the same
 way in test_finetune.py."""
-import os
-import subprocess
-import sys
-
 import pytest
 
-from conftest import ROOT, user_visible
+from conftest import ROOT, cli, user_visible
 
 pytestmark = pytest.mark.models
 
 
 def test_nf4_load_makes_no_hub_request_and_prints_no_warning(hub):
-    r = subprocess.run([sys.executable, str(ROOT / "run.py"), "models", "check",
-                        str(ROOT / "quantized" / "smollm2-135m-hf-nf4.toml")],
-                       capture_output=True, text=True, env=hub.env({**os.environ, "OMP_NUM_THREADS": "1"}),
-                       cwd=ROOT, timeout=600)
+    r = cli("models", "check", ROOT / "quantized" / "smollm2-135m-hf-nf4.toml",
+            env=hub.env({"OMP_NUM_THREADS": "1"}), offline=False)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "smollm2-135m-hf-nf4: loaded in" in r.stdout
     assert hub.requests == []

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, run_generate
+from conftest import ROOT, cli, read_jsonl, run_generate
 
 pytestmark = pytest.mark.models
 CI = ROOT / "configs" / "ci.toml"
@@ -24,10 +24,6 @@ def cmd(*args):
 
 
 generate = run_generate
-
-
-def lines(path):
-    return [json.loads(l) for l in path.read_text().splitlines()]
 
 
 def test_every_stage_file_and_manifest(reference_run):
@@ -46,19 +42,19 @@ def test_every_stage_file_and_manifest(reference_run):
                   ("free", "gemma3-270m"), ("load", "smollm2-135m-hf-nf4"), ("free", "smollm2-135m-hf-nf4")]
     # counts line up through the funnel
     for typ, target in (("A", 3), ("B", 2)):
-        reqs = lines(reference_run / f"instructions_{typ}.jsonl")
+        reqs = read_jsonl(reference_run / f"instructions_{typ}.jsonl")
         accepted = [it for r in reqs for it in r["items"] if it["status"] == "accepted"]
         assert len(accepted) == target and [r["request"] for r in reqs] == list(range(len(reqs)))
         assert all(len(it["most_similar"]) == 10 and 0 <= it["mean_rouge"] <= it["max_rouge"] <= 0.7 for it in accepted)
-        inst = lines(reference_run / f"instances_{typ}.jsonl")
+        inst = read_jsonl(reference_run / f"instances_{typ}.jsonl")
         assert [r["id"] for r in inst] == [it["id"] for it in accepted]
         usable = [r["id"] for r in inst if r["reason"] is None]
         for model in ("gemma3-270m", "smollm2-135m-hf-nf4"):
-            assert [r["id"] for r in lines(reference_run / f"outputs_{model}_{typ}.jsonl")] == usable
-        ens = lines(reference_run / f"ensemble_{typ}.jsonl")
+            assert [r["id"] for r in read_jsonl(reference_run / f"outputs_{model}_{typ}.jsonl")] == usable
+        ens = read_jsonl(reference_run / f"ensemble_{typ}.jsonl")
         assert [r["id"] for r in ens] == usable
-    kept = [r for t in "AB" for r in lines(reference_run / f"ensemble_{t}.jsonl") if r["kept"]]
-    dataset = lines(reference_run / "dataset.jsonl")
+    kept = [r for t in "AB" for r in read_jsonl(reference_run / f"ensemble_{t}.jsonl") if r["kept"]]
+    dataset = read_jsonl(reference_run / "dataset.jsonl")
     assert [r["id"] for r in dataset] == [r["id"] for r in kept]
     assert all(r["output"] and r["rule"] in ("exact", "rouge") for r in dataset)
 
@@ -75,8 +71,8 @@ def test_another_seed_gives_other_files(reference_run, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     for name in ("instructions_A.jsonl", "instructions_B.jsonl", "instances_A.jsonl"):
         assert (tmp_path / "seed8" / name).read_bytes() != (reference_run / name).read_bytes(), name
-    ours = [it["text"] for r in lines(tmp_path / "seed8" / "instructions_A.jsonl") for it in r["items"]]
-    ref = [it["text"] for r in lines(reference_run / "instructions_A.jsonl") for it in r["items"]]
+    ours = [it["text"] for r in read_jsonl(tmp_path / "seed8" / "instructions_A.jsonl") for it in r["items"]]
+    ref = [it["text"] for r in read_jsonl(reference_run / "instructions_A.jsonl") for it in r["items"]]
     assert ours != ref  # not only the recorded seeds: the sampled text differs
 
 
@@ -93,7 +89,7 @@ def test_finished_run_resumes_as_noop_and_refuses_changed_config(reference_run, 
     assert r.returncode == 2 and "different setup" in r.stderr and "seed (3 -> 8)" in r.stderr
     assert "Traceback" not in r.stderr
     # without --config, the run's own config is used
-    r = subprocess.run(cmd("generate", "--out", run), capture_output=True, text=True, timeout=300)
+    r = cli("generate", "--out", run, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
 
 
@@ -142,7 +138,7 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path):
     assert p.returncode == 130, err[-2000:]
     assert "Resume with: python run.py generate --out" in err and "Traceback" not in err
     assert not (out / "dataset.jsonl").exists()
-    assert lines(out / "instructions_A.jsonl")  # what was done is on disk
+    assert read_jsonl(out / "instructions_A.jsonl")  # what was done is on disk
 
 
 @pytest.fixture(scope="module")
@@ -176,5 +172,5 @@ def test_sigkill_inside_a_window_then_resume(refill_run, tmp_path, key):
     assert r.returncode == 0, r.stderr[-3000:]
     for name in STAGE_FILES:
         assert (out / name).read_bytes() == (ref / name).read_bytes(), name
-    reqs = lines(ref / "instances_A.jsonl")
+    reqs = read_jsonl(ref / "instances_A.jsonl")
     assert len(reqs) == 3  # one window of 3 requests on 2 slots: one slot was refilled

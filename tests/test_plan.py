@@ -4,30 +4,16 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from conftest import ROOT, cli, one_line_error
 from ensemble_instruct import plan as P
 from ensemble_instruct.backends import kv_cells
 from ensemble_instruct.config import Config, find_config, load_card, load_config
 
-ROOT = Path(__file__).resolve().parent.parent
 KEYS = {"card", "stage", "gpu_layers", "n_layers", "parallel", "context", "kv", "weights_gb", "kv_gb", "compute_gb",
         "total_gb", "fits"}
-
-
-def cli(*args, timeout=600):
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=ROOT, timeout=timeout)
-
-
-def one_line(r, code=2, *fragments):
-    err = r.stderr.strip()
-    assert r.returncode == code, (r.returncode, err[-2000:])
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    for f in fragments:
-        assert f in err, (f, err)
 
 
 def fixed_demos(name: str) -> Config:
@@ -125,17 +111,17 @@ def test_auto_needs_no_model_and_keeps_given_numbers():
     (("models", "check", "no-such-card"), "model card not found"),
 ])
 def test_bad_input_is_one_line_exit_2(args, fragment):
-    one_line(cli(*args), 2, fragment)
+    one_line_error(cli(*args), 2, fragment)
 
 
 def test_a_config_naming_a_missing_card_or_a_card_without_shape(tmp_path):
     (tmp_path / "c.toml").write_text(f'generator = "{tmp_path}/missing.toml"\nextra = ["a", "b"]\n')
-    one_line(cli("plan", "-c", tmp_path / "c.toml"), 2, "model card not found")
+    one_line_error(cli("plan", "-c", tmp_path / "c.toml"), 2, "model card not found")
     (tmp_path / "g.toml").write_text('name = "g"\nbackend = "llama_cpp"\n[source]\nhub_repo = "x/y"\nhub_file = "m.gguf"\n'
                                      'revision = "main"\n')
     (tmp_path / "c.toml").write_text(f'generator = "{tmp_path}/g.toml"\nextra = ["{tmp_path}/g.toml", "{tmp_path}/g.toml"]\n'
                                      f'seeds_file = "{ROOT}/seeds/seed_tasks.jsonl"\ntemplates_dir = "{ROOT}/templates"\n')
-    one_line(cli("plan", "-c", tmp_path / "c.toml", "--vram", "24"), 2, "[shape]")
+    one_line_error(cli("plan", "-c", tmp_path / "c.toml", "--vram", "24"), 2, "[shape]")
 
 
 def test_card_auto_values_and_bad_ones(tmp_path):
@@ -278,9 +264,7 @@ def test_auto_settings_are_resolved_recorded_and_kept_on_resume(tmp_path, monkey
     assert m["auto"]["generator"]["parallel"] == gen.parallel and m["auto"]["generator"]["budget"] == "test: 0.25 GB"
     rundir.unlock(tmp_path / "run")
     # the resume sees all the RAM of this machine: the plan would say 16; the run keeps its number
-    r = subprocess.run([sys.executable, str(ROOT / "run.py"), "generate", "--out", str(tmp_path / "run")],
-                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1",
-                                                            "ENSEMBLE_INSTRUCT_THREADS": "1"}, timeout=900)
+    r = cli("generate", "--out", tmp_path / "run", env={"ENSEMBLE_INSTRUCT_THREADS": "1"}, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     m2 = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert m2["fingerprint"]["cards"][0]["parallel"] == gen.parallel and "forced" not in m2

@@ -1,29 +1,23 @@
 """Report and exports of a real tiny-model run, loaded back and checked."""
 import json
 from collections import Counter
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import cli, read_jsonl
 from ensemble_instruct.report import leading_verbs
 
 pytestmark = pytest.mark.models
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), *map(str, args)], capture_output=True, text=True)
-
-
 def dataset(run):
-    return [json.loads(l) for l in (run / "dataset.jsonl").read_text().splitlines()]
+    return read_jsonl(run / "dataset.jsonl")
 
 
 def funnel_by_hand(run):
     """The report's funnel table, counted here from the stage files with plain json (not with
     report.funnel, which wrote the report), each count checked against the next stage's file."""
-    load = lambda name: [json.loads(l) for l in (run / name).read_text().splitlines()]  # noqa: E731
+    load = lambda name: read_jsonl(run / name)  # noqa: E731
     fmt = lambda c: ", ".join(f"{k}: {v}" for k, v in sorted(c.items())) or "-"  # noqa: E731
     kept = load("dataset.jsonl")
     table = {}
@@ -85,7 +79,7 @@ def test_exports_round_trip(reference_run, tmp_path):
     assert [(r["instruction"], r["input"], r["output"]) for r in a] == expect
 
     assert cli("export", reference_run, "-f", "jsonl", "-o", tmp_path / "c.jsonl").returncode == 0
-    c = [json.loads(l) for l in (tmp_path / "c.jsonl").read_text().splitlines()]
+    c = read_jsonl(tmp_path / "c.jsonl")
     assert [m["messages"][0]["content"] for m in c] == user
     assert [m["messages"][1]["content"] for m in c] == [r["output"] for r in rows]
     assert {m["messages"][0]["role"] for m in c} == {"user"}

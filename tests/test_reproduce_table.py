@@ -2,10 +2,8 @@
 written by the real `run.py evaluate --outputs`, so the table reads what evaluate really writes."""
 import json
 import os
-import subprocess
-import sys
 
-from conftest import ROOT
+from conftest import cli, one_line_error, read_jsonl
 
 from ensemble_instruct import tasksets
 
@@ -16,15 +14,12 @@ def evaluate(out, tmp_path, answers, env=None, tasks="user-oriented", limit=20):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"id": t["id"], "output": answer(t)}) + "\n"
                                                          for t in tasksets.user_oriented()[:limit]))
         files.append(str(tmp_path / f"{name}.jsonl"))
-    r = subprocess.run([sys.executable, str(ROOT / "run.py"), "evaluate", "--tasks", tasks, "--limit", str(limit),
-                        "--outputs", *files, "--out", str(out)], capture_output=True, text=True, timeout=300,
-                       env=env)
+    r = cli("evaluate", "--tasks", tasks, "--limit", limit, "--outputs", *files, "--out", out, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
 
 
 def table(out, env=None):
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "reproduce_table.py"), str(out)],
-                          capture_output=True, text=True, timeout=120, env=env)
+    return cli(out, script="scripts/reproduce_table.py", env=env, timeout=120)
 
 
 def test_table_says_superni_was_not_evaluated_and_gives_the_paired_interval(tmp_path):
@@ -68,17 +63,15 @@ def test_table_shows_superni_once_its_sample_was_evaluated(tmp_path):
     evaluate(out / "eval-user-oriented", tmp_path, {"base": lambda t: "x", "tuned": lambda t: "y", "c": lambda t: "z"})
     repo, _ = fake_superni(tmp_path)
     env = {**os.environ, "ENSEMBLE_INSTRUCT_CACHE": str(tmp_path / "cache")}
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "superni_sample.py"), "--repo", str(repo)], env=env,
-                   check=True, capture_output=True, timeout=120)
-    sample = [json.loads(x) for x in (tmp_path / "cache" / "superni" / "test_sample.jsonl").read_text().splitlines()]
+    cli("--repo", repo, script="scripts/superni_sample.py", env=env, check=True, timeout=120)
+    sample = read_jsonl(tmp_path / "cache" / "superni" / "test_sample.jsonl")
     files = []
     (tmp_path / "s").mkdir()
     for name in ("base", "tuned", "c"):  # the same model names as in eval-user-oriented
         (tmp_path / "s" / f"{name}.jsonl").write_text("".join(json.dumps({"id": t["id"], "output": t["output"]})
                                                               + "\n" for t in sample))
         files.append(str(tmp_path / "s" / f"{name}.jsonl"))
-    r = subprocess.run([sys.executable, str(ROOT / "run.py"), "evaluate", "--tasks", "superni", "--outputs", *files,
-                        "--out", str(out / "eval-superni")], capture_output=True, text=True, timeout=300, env=env)
+    r = cli("evaluate", "--tasks", "superni", "--outputs", *files, "--out", out / "eval-superni", env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     r = table(out)
     assert r.returncode == 0, r.stderr
@@ -89,8 +82,8 @@ def test_table_shows_superni_once_its_sample_was_evaluated(tmp_path):
 
 def test_missing_steps_are_one_line_and_exit_2(tmp_path):
     r = table(tmp_path / "nothing")
-    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "manifest.json not found" in r.stderr
+    one_line_error(r, 2, "manifest.json not found")
     (tmp_path / "nothing" / "tuned").mkdir(parents=True)
     (tmp_path / "nothing" / "tuned" / "manifest.json").write_text("{}")
     r = table(tmp_path / "nothing")
-    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "no eval-*/metrics.json" in r.stderr
+    one_line_error(r, 2, "no eval-*/metrics.json")

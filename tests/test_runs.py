@@ -10,7 +10,8 @@ import time
 import pytest
 
 import fakes
-from conftest import ROOT
+import conftest
+from conftest import ROOT, one_line_error, read_jsonl
 from ensemble_instruct import rundir
 from ensemble_instruct.errors import UserError
 from ensemble_instruct.stages import instances
@@ -20,22 +21,10 @@ FILES = ["instructions_A.jsonl", "instructions_B.jsonl", "instances_A.jsonl", "i
          "outputs_extra1_A.jsonl", "outputs_extra2_B.jsonl", "ensemble_A.jsonl", "dataset.jsonl"]
 
 
-def cli(*args, env=None, cwd=None, fake=True, **kw):
+def cli(*args, env=None, fake=True, timeout=120, **kw):
     """The real CLI in a subprocess; with fake models unless fake=False (then run.py itself)."""
-    script = INJECT if fake else ROOT / "run.py"
-    extra = {"INJECT_FAKE": "1"} if fake else {}
-    return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **extra, **(env or {})}, cwd=cwd or ROOT, timeout=120, **kw)
-
-
-def one_line_error(r, code, *fragments):
-    err = r.stderr.strip()
-    assert r.returncode == code, (r.returncode, err[-2000:])
-    assert "Traceback" not in err, err
-    last = err.splitlines()[-1]  # progress bars may come first
-    for f in fragments:
-        assert f in last, (f, last)
-    return last
+    env = {"INJECT_FAKE": "1", **(env or {})} if fake else env
+    return conftest.cli(*args, env=env, script=INJECT if fake else "run.py", timeout=timeout, **kw)
 
 
 @pytest.fixture
@@ -63,7 +52,7 @@ def test_user_files_keep_a_last_line_without_newline(tmp_path):
     o2.write_text('{"id": "a", "output": "Lyon"}\n{"id": "b", "output": "Hello there!"}')
     r = cli("ensemble", inst, o1, o2, "-o", tmp_path / "out.jsonl", fake=False)
     assert r.returncode == 0, r.stderr
-    kept = [json.loads(l)["id"] for l in (tmp_path / "out.jsonl").read_text().splitlines()]
+    kept = [x["id"] for x in read_jsonl(tmp_path / "out.jsonl")]
     assert kept == ["a", "b"] and "kept 2 of 2" in r.stdout
 
 
@@ -234,7 +223,7 @@ def test_same_seed_same_bytes_other_seed_other_files(tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     for name in ("instructions_A.jsonl", "instructions_B.jsonl", "dataset.jsonl"):
         assert (tmp_path / "a" / name).read_bytes() != (tmp_path / "c" / name).read_bytes(), name
-    seeds = lambda out: [json.loads(l)["seed"] for l in (tmp_path / out / "instructions_A.jsonl").open()]  # noqa: E731
+    seeds = lambda out: [x["seed"] for x in read_jsonl(tmp_path / out / "instructions_A.jsonl")]  # noqa: E731
     assert not set(seeds("a")) & set(seeds("c"))
 
 

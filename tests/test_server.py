@@ -1,5 +1,4 @@
 """The openai backend against a real OpenAI-compatible server: llama-cpp-python's, on 127.0.0.1."""
-import json
 import os
 import signal
 import socket
@@ -9,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, cli, one_line_error, read_jsonl
 from ensemble_instruct.backends import Decoding, load_backend
 from ensemble_instruct.config import load_card, resolve_weights
 from ensemble_instruct.errors import UserError
@@ -72,18 +71,14 @@ def generate(config, out, **popen):
     return [sys.executable, str(ROOT / "run.py"), "generate", "-c", str(config), "--out", str(out)]
 
 
-def lines(p):
-    return [json.loads(l) for l in p.read_text().splitlines()]
-
-
 def test_greedy_stage_equals_in_process_llama_cpp_and_resume_after_server_death(server, tmp_path):
     cfg = write_setup(tmp_path, server.port, retries=2)
     ref = tmp_path / "ref"
-    r = subprocess.run(generate(cfg, ref), capture_output=True, text=True, timeout=900)
+    r = cli("generate", "-c", cfg, "--out", ref, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     for typ in "AB":
-        via_server = lines(ref / f"outputs_smollm2-135m-server_{typ}.jsonl")
-        in_process = lines(ref / f"outputs_smollm2-135m_{typ}.jsonl")
+        via_server = read_jsonl(ref / f"outputs_smollm2-135m-server_{typ}.jsonl")
+        in_process = read_jsonl(ref / f"outputs_smollm2-135m_{typ}.jsonl")
         assert via_server and [x["output"] for x in via_server] == [x["output"] for x in in_process]
     manifest = (ref / "manifest.json").read_text()
     assert "smollm2-135m-server" in manifest
@@ -104,10 +99,10 @@ def test_greedy_stage_equals_in_process_llama_cpp_and_resume_after_server_death(
     assert len([l for l in err.splitlines() if l.startswith("error:")]) == 1
     assert 2 <= target.read_bytes().count(b"\n") < 6
     # another run while it is down is refused before any stage starts
-    r = subprocess.run(generate(cfg, run), capture_output=True, text=True, timeout=300)
+    r = cli("generate", "-c", cfg, "--out", run, timeout=300)
     assert r.returncode == 2 and "cannot reach the server" in r.stderr
     server.start()
-    r = subprocess.run(generate(cfg, run), capture_output=True, text=True, timeout=900)
+    r = cli("generate", "-c", cfg, "--out", run, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     for f in sorted(ref.glob("*.jsonl")):
         assert (run / f.name).read_bytes() == f.read_bytes(), f.name
@@ -115,11 +110,11 @@ def test_greedy_stage_equals_in_process_llama_cpp_and_resume_after_server_death(
 
 def test_unreachable_server_and_unknown_model(server, tmp_path):
     cfg = write_setup(tmp_path, free_port())
-    r = subprocess.run(generate(cfg, tmp_path / "run"), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and "cannot reach the server at http://127.0.0.1:" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+    r = cli("generate", "-c", cfg, "--out", tmp_path / "run", timeout=300)
+    one_line_error(r, 2, "cannot reach the server at http://127.0.0.1:")
+    assert not (tmp_path / "run").exists()
     cfg = write_setup(tmp_path, server.port, model="gpt-9")
-    r = subprocess.run(generate(cfg, tmp_path / "run"), capture_output=True, text=True, timeout=300)
+    r = cli("generate", "-c", cfg, "--out", tmp_path / "run", timeout=300)
     assert r.returncode == 2 and "does not serve model 'gpt-9' (it serves: smollm2-135m)" in r.stderr
 
 
@@ -162,7 +157,7 @@ def test_two_servers_one_dies_mid_stage(server, tmp_path):
     assert second.kill() == -signal.SIGKILL
     _, err = p.communicate(timeout=900)
     assert p.returncode == 0, err[-2000:]
-    assert 1 <= at_kill < len(lines(target))  # the stage was not done when the second server died
+    assert 1 <= at_kill < len(read_jsonl(target))  # the stage was not done when the second server died
     for typ in "AB":
-        via = lines(run / f"outputs_smollm2-135m-server_{typ}.jsonl")
-        assert via and [x["output"] for x in via] == [x["output"] for x in lines(run / f"outputs_smollm2-135m_{typ}.jsonl")]
+        via = read_jsonl(run / f"outputs_smollm2-135m-server_{typ}.jsonl")
+        assert via and [x["output"] for x in via] == [x["output"] for x in read_jsonl(run / f"outputs_smollm2-135m_{typ}.jsonl")]

@@ -2,10 +2,8 @@
 sample script on a folder laid out like allenai/natural-instructions, and the contamination test."""
 import json
 import os
-import subprocess
-import sys
 
-from conftest import ROOT
+from conftest import cli, one_line_error, read_jsonl
 
 from ensemble_instruct import tasksets
 
@@ -49,14 +47,11 @@ def test_superni_sample_script_and_tasks_superni(tmp_path):
     repo, names = fake_superni(tmp_path)
     env = {**os.environ, "ENSEMBLE_INSTRUCT_CACHE": str(tmp_path / "cache")}
     # before the sample is built, --tasks superni says how to build it (one line, exit 2)
-    r = subprocess.run([sys.executable, str(ROOT / "run.py"), "evaluate", "--tasks", "superni", "--outputs",
-                        "a", "b", "c"], capture_output=True, text=True, env=env, timeout=120)
-    assert r.returncode == 2 and "scripts/superni_sample.py --repo" in r.stderr and len(r.stderr.splitlines()) == 1
-    assert "not built (this tool cannot download SuperNI)" in r.stderr
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "superni_sample.py"), "--repo", str(repo)],
-                       capture_output=True, text=True, env=env, timeout=120)
+    r = cli("evaluate", "--tasks", "superni", "--outputs", "a", "b", "c", env=env, timeout=120)
+    one_line_error(r, 2, "scripts/superni_sample.py --repo", "not built (this tool cannot download SuperNI)")
+    r = cli("--repo", repo, script="scripts/superni_sample.py", env=env, timeout=120)
     assert r.returncode == 0, r.stderr
-    sample = [json.loads(x) for x in (tmp_path / "cache" / "superni" / "test_sample.jsonl").read_text().splitlines()]
+    sample = read_jsonl(tmp_path / "cache" / "superni" / "test_sample.jsonl")
     assert len(sample) == 10  # the first 5 instances of each test task, in order; the first gold output
     assert sample[0] == {"id": f"{names[0]}/{names[0]}-0", "instruction": "Definition of task 0.",
                          "input": "input 0.0", "output": "gold 0.0"}
@@ -65,9 +60,8 @@ def test_superni_sample_script_and_tasks_superni(tmp_path):
     for name in "abc":
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"id": t["id"], "output": t["output"]}) + "\n"
                                                          for t in sample))
-    r = subprocess.run([sys.executable, str(ROOT / "run.py"), "evaluate", "--tasks", "superni", "--outputs",
-                        *(str(tmp_path / f"{n}.jsonl") for n in "abc"), "--out", str(tmp_path / "ev")],
-                       capture_output=True, text=True, env=env, timeout=300)
+    r = cli("evaluate", "--tasks", "superni", "--outputs", *(tmp_path / f"{n}.jsonl" for n in "abc"),
+            "--out", tmp_path / "ev", env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["rows"] == 10 and all(m["exact"] == 1.0 for m in metrics["models"].values())
@@ -75,10 +69,9 @@ def test_superni_sample_script_and_tasks_superni(tmp_path):
 
 def test_evaluate_models_refuses_bad_combinations_before_loading(tmp_path):
     def run(*args):
-        return subprocess.run([sys.executable, str(ROOT / "run.py"), "evaluate", *map(str, args)],
-                              capture_output=True, text=True, timeout=120)
+        return cli("evaluate", *args, timeout=120)
     r = run("--models", "smollm2-135m-hf", "smollm2-135m-hf", "--tasks", "user-oriented", "--out", tmp_path / "e")
-    assert r.returncode == 2 and "two cards are named 'smollm2-135m-hf'" in r.stderr and len(r.stderr.splitlines()) == 1
+    one_line_error(r, 2, "two cards are named 'smollm2-135m-hf'")
     r = run("--models", "smollm2-135m-hf", "--outputs", "a.jsonl", "--out", tmp_path / "e")
     assert r.returncode == 2 and "not both" in r.stderr
     r = run("--models", "smollm2-135m-hf", "--tasks", "nonesuch", "--out", tmp_path / "e")
