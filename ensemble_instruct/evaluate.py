@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import ensemble as ens
-from . import rules
+from . import rules, settings
 from .errors import UserError
 from .similarity import Vocab, encode_texts, rouge_pairs_encoded
 from .store import read_jsonl, write_json, write_jsonl
@@ -221,7 +221,13 @@ def open_models(out: Path, cfg, cards: list[str]):
     except (OSError, ValueError):
         manifest = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "timings": {}, "events": []}
     manifest["models"] = {c.name: str(p) for c, p in models}
-    return Run(out, cfg, models[0], models[1:], {}, manifest), models
+    # "auto" settings: picked when the directory is first opened, kept on resume (settings.py)
+    models, auto = settings.resolve(models, names, ["extra"] * len(models), None, manifest.get("auto", {}))
+    run = Run(out, cfg, models[0], models[1:], {}, manifest)
+    if auto:
+        manifest.setdefault("auto", {}).update(auto)
+        run.save_manifest()  # on disk before any answer is: a killed evaluation resumes with these numbers
+    return run, models
 
 
 def _tasks_hash(tasks: list[dict]) -> str:

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import config as _config, lockfile, templates
+from . import config as _config, lockfile, settings, templates
 from .backends import check_installed, preflight
 from .config import ROOT, Config, ModelCard, check_weights, file_hash, load_card, load_config, weights_record
 from .errors import UserError
@@ -351,28 +351,12 @@ def open_run(config: Path | None, out: Path | None, num_instructions: int | None
 
 
 def _resolve_auto(cfg: Config, generator, extras, existing: dict | None):
-    """Cards with gpu_layers / parallel = "auto" get numbers: those the run recorded when it was
-    opened (a resume keeps them, whatever memory is free now), else the plan's for this config and
-    the memory free now. The fingerprint then holds the numbers; the manifest's "auto" says where
-    they came from."""
-    from .plan import has_auto, resolve_auto
-
-    pairs, auto = [generator, *extras], {}
-    recorded = (existing or {}).get("auto", {})
-    cards = (existing or {}).get("fingerprint", {}).get("cards")
-    for i, (card, path) in enumerate(pairs):
-        if not has_auto(card):
-            continue
-        role = _role(i)
-        old = cards[i] if isinstance(cards, list) and i < len(cards) and role in recorded else None
-        if old is not None:
-            upd = {k: old[k] for k in ("gpu_layers", "parallel") if getattr(card, k) == "auto" and isinstance(old.get(k), int)}
-            new, budget = card.model_copy(update=upd), recorded[role].get("budget", "")
-        if old is None or "auto" in (new.gpu_layers, new.parallel):
-            new, budget = resolve_auto(card, path, "generator" if i == 0 else "extra", cfg)
-        pairs[i] = (new, path)
-        auto[role] = {"gpu_layers": new.gpu_layers, "parallel": new.parallel, "budget": budget,
-                      "card": {k: getattr(card, k) for k in ("gpu_layers", "parallel")}}
+    """Numbers for "auto" card settings: those the run recorded when it was opened, else the plan's
+    for this config and the memory free now (settings.resolve)."""
+    pairs = [generator, *extras]
+    keys = [_role(i) for i in range(len(pairs))]
+    roles = ["generator" if i == 0 else "extra" for i in range(len(pairs))]
+    pairs, auto = settings.resolve(pairs, keys, roles, cfg, (existing or {}).get("auto", {}))
     return pairs[0], pairs[1:], auto
 
 

@@ -10,6 +10,7 @@ INJECT_FAKE=1              fake models (tests/fakes.py) instead of the real back
 INJECT_DELAY=S             ... that take S seconds per batch
 INJECT_OOM_AFTER=N|load    ... that run out of memory after N batches, or while loading
 INJECT_SLOW_OPEN=S         opening a run takes S seconds more (while the weights are checked)
+INJECT_RAM_GB=X            the plan sees no GPU and X GB of free RAM (for "auto" card settings)
 """
 import os
 import signal
@@ -89,6 +90,11 @@ def main() -> None:
             def no_room(card, path):
                 raise MemoryError()
             runner.load_backend = backends.load_backend = no_room
+    if env.get("INJECT_RAM_GB"):
+        from ensemble_instruct import plan
+
+        plan.gpu_free = lambda: None
+        plan.ram_available = lambda: float(env["INJECT_RAM_GB"]) * plan.GIB
     if env.get("INJECT_SLOW_OPEN"):
         from ensemble_instruct import rundir
 

@@ -101,9 +101,9 @@ def preflight(card: ModelCard, card_path: Path) -> None:
 def load_backend(card: ModelCard, card_path: Path) -> Backend:
     check_installed(card, card_path)
     if card.backend == "llama_cpp" and "auto" in (card.gpu_layers, card.parallel):
-        # Not resolved by a run (rundir does it for the run's stages): the card's worst case.
-        from ..plan import resolve_auto
-        card = resolve_auto(card, card_path, "extra", None)[0]
+        # settings.resolve picks the numbers once per directory and records them; a backend that
+        # picked its own at each load could cut a resumed run's windows differently
+        raise ValueError(f"{card.name}: gpu_layers / parallel = \"auto\" must be resolved before loading")
     module = importlib.import_module(f".{_MODULES[card.backend][0]}", __name__)
     return module.load(card, card_path)
 
