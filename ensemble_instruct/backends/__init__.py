@@ -99,11 +99,11 @@ def preflight(card: ModelCard, card_path: Path) -> None:
 
 
 def load_backend(card: ModelCard, card_path: Path) -> Backend:
-    check_installed(card, card_path)
     if card.backend == "llama_cpp" and "auto" in (card.gpu_layers, card.parallel):
         # settings.resolve picks the numbers once per directory and records them; a backend that
         # picked its own at each load could cut a resumed run's windows differently
         raise ValueError(f"{card.name}: gpu_layers / parallel = \"auto\" must be resolved before loading")
+    check_installed(card, card_path)
     module = importlib.import_module(f".{_MODULES[card.backend][0]}", __name__)
     return module.load(card, card_path)
 
