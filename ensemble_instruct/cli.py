@@ -308,7 +308,7 @@ def plan(config: Optional[Path] = CONFIG,
         if v is not None and v <= 0:
             raise UserError(f"{name} must be a positive number of GB, got {v:g}")
     cfg = load_config(find_config(config) if config is not None else ROOT / "configs" / "default.toml")
-    budget = P.detect_budget(vram, ram)
+    budget = P.probe.detect_budget(vram, ram)
     plans = P.plan_config(cfg, budget)
     if as_json:
         import json

@@ -93,8 +93,8 @@ def main() -> None:
     if env.get("INJECT_RAM_GB"):
         from ensemble_instruct import plan
 
-        plan.gpu_free = lambda: None
-        plan.ram_available = lambda: float(env["INJECT_RAM_GB"]) * plan.GIB
+        plan.probe.gpu_free = lambda: None
+        plan.probe.ram_available = lambda: float(env["INJECT_RAM_GB"]) * plan.GIB
     if env.get("INJECT_SLOW_OPEN"):
         from ensemble_instruct import rundir
 

@@ -255,7 +255,7 @@ def test_auto_settings_are_resolved_recorded_and_kept_on_resume(tmp_path, monkey
         .replace("smollm2-135m-hf-nf4.toml", "smollm2-135m-chat.toml")
     (tmp_path / "c.toml").write_text(f'seeds_file = "{ROOT}/seeds/seed_tasks.jsonl"\ntemplates_dir = "{ROOT}/templates"\n'
                                      + cfg)
-    monkeypatch.setattr(P, "detect_budget", lambda *a: P.Budget(None, 0.25 * P.GIB, "test: 0.25 GB"))
+    monkeypatch.setattr(P.probe, "detect_budget", lambda *a: P.Budget(None, 0.25 * P.GIB, "test: 0.25 GB"))
     run = rundir.open_run(tmp_path / "c.toml", tmp_path / "run")
     gen = run.generator[0]
     assert isinstance(gen.parallel, int) and 1 < gen.parallel < 16 and gen.gpu_layers == -1
@@ -282,7 +282,7 @@ def test_without_pynvml_the_free_memory_comes_from_nvidia_smi(tmp_path):
     smi.chmod(0o755)
     env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
     code = ("import sys; sys.modules['pynvml'] = None\n"  # as if nvidia-ml-py were not installed
-            "from ensemble_instruct import plan; b = plan.detect_budget(); print(b.vram, b.source)")
+            "from ensemble_instruct import plan; b = plan.probe.detect_budget(); print(b.vram, b.source)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[0] == str(20480.0 * 2**20) and "RTX 4090" in r.stdout and "20.0 GB free" in r.stdout

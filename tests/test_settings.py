@@ -17,7 +17,7 @@ def auto_card(**update):
 
 
 def test_first_open_plans_and_records_then_a_resume_keeps_the_numbers(monkeypatch):
-    monkeypatch.setattr(P, "detect_budget", lambda *a: P.Budget(12 * P.GIB, None, "GPU, 12 GB"))
+    monkeypatch.setattr(P.probe, "detect_budget", lambda *a: P.Budget(12 * P.GIB, None, "GPU, 12 GB"))
     (card, path), (fixed, fixed_path) = auto_card(), load_card(ROOT / "quantized" / "smollm2-135m.toml")
     pairs, record = settings.resolve([(card, path), (fixed, fixed_path)], ["generator", "extra1"],
                                      ["generator", "extra"], None, {})
@@ -27,13 +27,13 @@ def test_first_open_plans_and_records_then_a_resume_keeps_the_numbers(monkeypatc
     assert record["generator"] == {"gpu_layers": got.gpu_layers, "parallel": got.parallel, "budget": "GPU, 12 GB",
                                    "card": {"gpu_layers": "auto", "parallel": "auto"}}
     # the resume sees another GPU: the recorded numbers win, and the plan is not asked
-    monkeypatch.setattr(P, "detect_budget", lambda *a: pytest.fail("planned again on resume"))
+    monkeypatch.setattr(P.probe, "detect_budget", lambda *a: pytest.fail("planned again on resume"))
     again, record2 = settings.resolve([(card, path)], ["generator"], ["generator"], None, record)
     assert again[0][0] == got and record2 == record
 
 
 def test_a_setting_that_became_auto_since_the_record_is_planned(monkeypatch):
-    monkeypatch.setattr(P, "detect_budget", lambda *a: P.Budget(12 * P.GIB, None, "GPU, 12 GB"))
+    monkeypatch.setattr(P.probe, "detect_budget", lambda *a: P.Budget(12 * P.GIB, None, "GPU, 12 GB"))
     card, path = auto_card()
     recorded = {"m": {"gpu_layers": 10, "parallel": None, "budget": "old", "card": {"gpu_layers": "auto", "parallel": 4}}}
     pairs, record = settings.resolve([(card, path)], ["m"], ["extra"], None, recorded)
