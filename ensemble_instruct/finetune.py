@@ -291,7 +291,10 @@ def _quiet_libraries() -> None:
 
     from .backends import bnb
 
-    bnb.load()
+    try:
+        bnb.load()
+    except Exception:  # absent or unusable here: plain LoRA does without it, and peft checks for itself
+        pass
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
