@@ -268,7 +268,7 @@ def test_a_window_does_not_depend_on_how_large_the_cache_grew(kv):
     run a window in a larger cache than the first run did: the bytes must be the same. The size
     is the kv_cells formula: in the unified layout the prefix is stored once."""
     from ensemble_instruct import templates
-    from ensemble_instruct.backends import kv_cells
+    from ensemble_instruct.kvcache import kv_cells
     from ensemble_instruct.backends.llamacpp import LlamaCppBackend
     from ensemble_instruct.config import resolve_weights
 

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT, cli, one_line_error
 from ensemble_instruct import plan as P
-from ensemble_instruct.backends import kv_cells
+from ensemble_instruct.kvcache import kv_cells
 from ensemble_instruct.config import Config, find_config, load_card, load_config
 
 KEYS = {"card", "stage", "gpu_layers", "n_layers", "parallel", "context", "kv", "weights_gb", "kv_gb", "compute_gb",

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..config import ModelCard
-from ..kvcache import kv_cells  # noqa: F401  (tests and benches size caches with it)
 from ..errors import OutOfMemory, UserError
 
 

@@ -277,10 +277,10 @@ class LlamaCppBackend(Backend):
         L, chat = self.L, self._chat_template is not None
         toks = [self.tokenize(self._format(p), special=chat) for p in prompts]
         results: list[Completion | None] = [too_long(len(t)) if len(t) >= self.card.context else None for t in toks]
-        queue = [i for i, r in enumerate(results) if r is None]
-        shared = self._prepare(prefix, params, toks, queue)
-        sched = Scheduler([(i, toks[i], min(params.max_tokens, self.card.context - len(toks[i]))) for i in queue],
-                          self.parallel, self.layout, shared, self.even_rows)
+        requests = [(i, t, min(params.max_tokens, self.card.context - len(t)))  # (index, prompt, new-token limit)
+                    for i, (t, r) in enumerate(zip(toks, results)) if r is None]
+        shared = self._prepare(prefix, requests)
+        sched = Scheduler(requests, self.parallel, self.layout, shared, self.even_rows)
         stops = [x.encode("utf-8") for x in params.stop]
         done = 0  # results before this index have been yielded
         try:
@@ -312,14 +312,13 @@ class LlamaCppBackend(Backend):
             yield results[done]
             done += 1
 
-    def _prepare(self, prefix: str | None, params: Decoding, toks: list[list[int]], queue: list[int]) -> int:
-        """A cache with room for the window's requests, its prefix sequence holding their common
-        prefix; returns that prefix's length in tokens."""
-        want = self._common_prefix(prefix, [toks[i] for i in queue])
+    def _prepare(self, prefix: str | None, requests: list[tuple[int, list[int], int]]) -> int:
+        """A cache with room for the window's requests (index, prompt, new-token limit), its prefix
+        sequence holding their common prefix; returns that prefix's length in tokens."""
+        want = self._common_prefix(prefix, [t for _, t, _ in requests])
         shared = len(want)
         layout = self.layout_for(prefix)
-        per_seq = max((len(toks[i]) + min(params.max_tokens, self.card.context - len(toks[i]))
-                       - (shared if layout == "unified" else 0) for i in queue), default=1)
+        per_seq = max((len(t) + limit - (shared if layout == "unified" else 0) for _, t, limit in requests), default=1)
         self._reserve(layout, *kv_cells(layout, self.parallel, shared, per_seq))
         if not self.reuse_prefix and self.n_seq > self.parallel:  # reuse off: no cached prefix survives a window
             self._use_prefix([])
