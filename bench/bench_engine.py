@@ -17,19 +17,17 @@ Printed: completion tokens/s and its share of the ceiling.
 import argparse
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ensemble_instruct import templates  # noqa: E402
 from ensemble_instruct.backends import Decoding  # noqa: E402
 from ensemble_instruct.backends.llamacpp import LlamaCppBackend  # noqa: E402
-from ensemble_instruct.config import load_card, resolve_weights  # noqa: E402
-from ensemble_instruct.parsing import looping  # noqa: E402
+from ensemble_instruct.config import load_card, load_config  # noqa: E402
+from ensemble_instruct.weights import resolve as resolve_weights  # noqa: E402
 from ensemble_instruct.seeds import load_seeds, split_types  # noqa: E402
-from ensemble_instruct.stages.instances import STOP  # noqa: E402
+from ensemble_instruct.stages import instances, outputs  # noqa: E402
 
 STORY = "cat dog king queen robot pirate farmer doctor teacher child bird fish wizard dragon knight baker".split()
 SEEDS = load_seeds(ROOT / "seeds" / "seed_tasks.jsonl")
@@ -59,16 +57,15 @@ def ceiling(name: str, layout: str) -> float:
 
 def workload(kind: str, n: int):
     """(card, prompts, params, prefix) of one stage-shaped workload."""
-    if kind == "instances":
-        tpl = templates.load("instances_A.txt")
+    cfg = load_config(ROOT / "configs" / "default.toml")  # each stage decodes as in the default preset
+    if kind == "instances":  # type A, the fixed demonstrations
         tasks = split_types(SEEDS)["A"][-n:]  # the template's demonstrations come from the first ones
-        prompts = [templates.fill(tpl, instruction=t.instruction) for t in tasks]
-        return "smollm2-135m", prompts, Decoding(512, 0.7, 50, 1.0, STOP, loop_test=partial(looping, with_input=True)), templates.prefix(tpl, "instruction")
-    name, tpl_name, stop = {"outputs-gemma": ("gemma3-270m", "output_base.txt", ("\n\n", "|EoS|", "\n")),
-                            "outputs-chat": ("smollm2-135m-chat", "output.txt", ("\n\n", "|EoS|"))}[kind]
-    tpl = templates.load(tpl_name, fields=templates.FIELDS["output"])
-    prompts = [templates.output_prompt(tpl, t.instruction, t.input) for t in SEEDS[:n]]
-    return name, prompts, Decoding(256, stop=stop), None
+        prompts, prefix = instances.fixed_requests(cfg, "A", [t.instruction for t in tasks])
+        return "smollm2-135m", prompts, instances.decoding(cfg, "A"), prefix
+    name = {"outputs-gemma": "gemma3-270m", "outputs-chat": "smollm2-135m-chat"}[kind]
+    card, _ = load_card(name)
+    prompts = outputs.requests(cfg, card, [{"instruction": t.instruction, "input": t.input} for t in SEEDS[:n]])
+    return name, prompts, outputs.decoding(cfg, card, stop_loops=False), None
 
 
 def main():

@@ -35,7 +35,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ensemble_instruct import templates  # noqa: E402
 from ensemble_instruct.backends import Decoding, load_backend  # noqa: E402
 from ensemble_instruct.config import Config, ModelCard, load_card  # noqa: E402
 from ensemble_instruct.rundir import seed_for  # noqa: E402
@@ -74,18 +73,14 @@ def read(path: Path) -> list[dict]:
 
 
 def stage_requests(run: Path, cfg: Config, key: str, card: ModelCard) -> tuple[list[str], str | None, Decoding]:
-    """A stage's prompts, shared prefix and decoding (the stage's own), rebuilt from the run's files
-    (the run's templates; instances with the fixed demonstrations only)."""
-    tdir = cfg.path(cfg.templates_dir)
+    """A stage's prompts, shared prefix and decoding, asked of the stage itself for the requests in
+    the run's files (the run's templates; instances with the fixed demonstrations only)."""
     typ = key[-1]
-    if key.startswith("instances_"):
-        tpl = templates.load(f"instances_{typ}.txt", tdir)
-        prompts = [templates.fill(tpl, instruction=r["instruction"]) for r in read(run / f"{key}.jsonl")]
-        return prompts, templates.prefix(tpl, "instruction"), instances.decoding(cfg, typ)
-    insts = {r["id"]: r for r in read(run / f"instances_{typ}.jsonl")}
-    tpl = templates.load(card.output_template or "output.txt", tdir, templates.FIELDS["output"])
-    prompts = [templates.output_prompt(tpl, insts[r["id"]]["instruction"], insts[r["id"]]["input"])
-               for r in read(run / f"{key}.jsonl")]
+    if key == instances.key(typ):
+        prompts, prefix = instances.fixed_requests(cfg, typ, [r["instruction"] for r in read(run / f"{key}.jsonl")])
+        return prompts, prefix, instances.decoding(cfg, typ)
+    insts = {r["id"]: r for r in read(run / instances.file_name(typ))}
+    prompts = outputs.requests(cfg, card, [insts[r["id"]] for r in read(run / f"{key}.jsonl")])
     return prompts, None, outputs.decoding(cfg, card, stop_loops=True)
 
 
@@ -102,7 +97,7 @@ def replay(run: Path, cfg: Config, key: str, card: ModelCard, card_path: Path) -
     test and windows: the same schedule, so the same tokens), and how many tokens that was."""
     prompts, prefix, p = stage_requests(run, cfg, key, card)
     typ = key[-1]
-    if key.startswith("instances_"):
+    if key == instances.key(typ):
         seeds = [r["seed"] for r in read(run / f"{key}.jsonl")]
     else:
         seeds = [seed_for(cfg.seed, outputs.seed_stage(card), typ, i) for i in range(len(prompts))]

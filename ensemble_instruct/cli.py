@@ -66,7 +66,7 @@ def instructions(config: Optional[Path] = CONFIG, out: Optional[Path] = RUN_DIR,
 
     run = _open(config, out, force)
     with pipeline.stop_on_ctrl_c(run):
-        pipeline.run_generator_stages(run, ("instructions",))
+        pipeline.run_generator_stages(run, (pipeline.instructions.NAME,))
 
 
 @app.command()
@@ -76,7 +76,7 @@ def instances(config: Optional[Path] = CONFIG, out: Optional[Path] = RUN_DIR, fo
 
     run = _open(config, out, force)
     with pipeline.stop_on_ctrl_c(run):
-        pipeline.run_generator_stages(run, ("instances",))
+        pipeline.run_generator_stages(run, (pipeline.instances.NAME,))
 
 
 @app.command()

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from .errors import UserError
+from .stages.ensemble import DATASET
 from .store import dumps, read_jsonl, replace_text
 
 FORMATS = ("alpaca", "jsonl", "sharegpt", "hf")
@@ -35,9 +36,9 @@ def export(run_dir: Path, fmt: str, out: Path) -> int:
     run_dir, out = Path(run_dir), Path(out)
     if not (run_dir / "manifest.json").is_file():
         raise UserError(f"{run_dir}: not a run directory (no manifest.json)")
-    path = run_dir / "dataset.jsonl"
+    path = run_dir / DATASET
     if not path.exists():
-        raise UserError(f"{run_dir}: no dataset.jsonl (finish the run first: python run.py generate --out {run_dir})")
+        raise UserError(f"{run_dir}: no {DATASET} (finish the run first: python run.py generate --out {run_dir})")
     _check_out(run_dir, out)
     rows = [{"instruction": r["instruction"], "input": r.get("input", ""), "output": r["output"]}
             for r in read_jsonl(path, "run")]

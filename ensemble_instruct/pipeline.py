@@ -11,18 +11,22 @@ from .runner import loaded, stop_on_ctrl_c
 from .stages import ensemble, instances, instructions, outputs
 
 
-def run_generator_stages(run: Run, stages=("instructions", "instances")) -> None:
-    if "instructions" not in stages and any(instructions.pending(run, t) for t in TYPES):
+GENERATOR_STAGES = {s.NAME: s for s in (instructions, instances)}  # in the order they run
+
+
+def run_generator_stages(run: Run, names=tuple(GENERATOR_STAGES)) -> None:
+    """The generator's stages among `names` (stage names), in data-flow order, each type in turn."""
+    stages = [s for name, s in GENERATOR_STAGES.items() if name in names]
+    if instructions not in stages and any(instructions.pending(run, t) for t in TYPES):
         raise UserError(f"{run.dir}: instruction generation is not finished: run the instructions stage first")
-    todo = [(s, t) for s in stages for t in TYPES
-            if (instructions.pending if s == "instructions" else instances.pending)(run, t)]
+    todo = [(s, t) for s in stages for t in TYPES if s.pending(run, t)]
     if not todo:
         return
     with loaded(run, *run.generator) as backend:  # loaded once for both stages
-        if "instances" in stages:
+        if instances in stages:
             instances.check_fits(run, backend)
-        for s, t in todo:
-            (instructions if s == "instructions" else instances).run_stage(run, backend, t)
+        for stage, t in todo:
+            stage.run_stage(run, backend, t)
 
 
 def run_outputs_stage(run: Run, card: ModelCard, path: Path) -> None:

@@ -7,9 +7,9 @@ from collections import Counter
 from pathlib import Path
 
 from . import lockfile
+from .rundir import TYPES
+from .stages import ensemble, instances, instructions
 from .store import read_jsonl
-
-TYPES = ("A", "B")
 
 
 def funnel(run_dir: Path) -> dict:
@@ -17,10 +17,10 @@ def funnel(run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     out = {}
     for typ in TYPES:
-        reqs = read_jsonl(run_dir / f"instructions_{typ}.jsonl", "run")
+        reqs = read_jsonl(run_dir / instructions.file_name(typ), "run")
         items = [it for r in reqs for it in r["items"]]
-        inst = read_jsonl(run_dir / f"instances_{typ}.jsonl", "run")
-        ens = read_jsonl(run_dir / f"ensemble_{typ}.jsonl", "run")
+        inst = read_jsonl(run_dir / instances.file_name(typ), "run")
+        ens = read_jsonl(run_dir / ensemble.file_name(typ), "run")
         out[typ] = {
             "requests": len(reqs),
             "raw_instructions": len(items),
@@ -52,7 +52,7 @@ def print_summary(run_dir: Path) -> None:
     console = Console(stderr=True)
     console.print(table)
     manifest = json.loads((Path(run_dir) / "manifest.json").read_text())
-    console.print(f"dataset: {Path(run_dir) / 'dataset.jsonl'} ({manifest.get('dataset_size', 0)} examples)")
+    console.print(f"dataset: {Path(run_dir) / ensemble.DATASET} ({manifest.get('dataset_size', 0)} examples)")
 
 
 # ---------------------------------------------------------------- the full report
@@ -71,9 +71,9 @@ def leading_verbs(instructions: list[str], top: int = 20) -> list[tuple[str, int
 def _collect(run_dir: Path) -> dict:
     data = {"novelty": {}, "agreement": {}, "lengths": {}, "instructions": {}, "kept": [], "dropped": []}
     for typ in TYPES:
-        items = [it for r in read_jsonl(run_dir / f"instructions_{typ}.jsonl", "run") for it in r["items"]]
+        items = [it for r in read_jsonl(run_dir / instructions.file_name(typ), "run") for it in r["items"]]
         data["novelty"][typ] = [it["max_rouge"] for it in items if "max_rouge" in it]
-        ens = read_jsonl(run_dir / f"ensemble_{typ}.jsonl", "run")
+        ens = read_jsonl(run_dir / ensemble.file_name(typ), "run")
         data["agreement"][typ] = [sum(r["scores"].values()) / len(r["scores"]) for r in ens if r.get("scores")]
         data["instructions"][typ] = [it["text"] for it in items if it["status"] == "accepted"]
         kept = [r for r in ens if r["kept"]]
@@ -81,7 +81,7 @@ def _collect(run_dir: Path) -> dict:
                                 "input": [_words(r["input"]) for r in kept if r["input"]],
                                 "output": [_words(r["output"]) for r in kept]}
         data["kept"] += kept
-        inst = {r["id"]: r for r in read_jsonl(run_dir / f"instances_{typ}.jsonl", "run")}
+        inst = {r["id"]: r for r in read_jsonl(run_dir / instances.file_name(typ), "run")}
         data["dropped"] += [{**r, "output": inst[r["id"]]["output"]} for r in ens if not r["kept"]]
     return data
 

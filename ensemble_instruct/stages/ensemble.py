@@ -9,6 +9,13 @@ from ..rundir import TYPES, Run
 from ..store import write_jsonl
 from . import instances, outputs
 
+NAME = "ensemble"
+DATASET = "dataset.jsonl"  # the kept instances of both types: what export and finetune read
+
+
+def file_name(typ: str) -> str:
+    return f"{NAME}_{typ}.jsonl"
+
 
 def run_stage(run: Run) -> None:
     kept_all = []
@@ -28,8 +35,8 @@ def run_stage(run: Run) -> None:
         e = run.cfg.ensemble
         decisions = select(cands, e.rule, e.threshold, e.quorum) if cands else []
         records = [{**decision_record(it, d, sources), "kept": d.kept} for it, d in zip(usable, decisions)]
-        write_jsonl(run.file(f"ensemble_{typ}.jsonl"), records)
+        write_jsonl(run.file(file_name(typ)), records)
         kept_all += [{k: v for k, v in r.items() if k != "kept"} for r in records if r["kept"]]
-    write_jsonl(run.file("dataset.jsonl"), kept_all)
+    write_jsonl(run.file(DATASET), kept_all)
     run.manifest["dataset_size"] = len(kept_all)
     run.save_manifest()

@@ -20,10 +20,20 @@ from . import instructions
 # The parser cuts a completion where the model starts another block anyway; stopping there too
 # saves generating up to max_tokens of it.
 STOP = (templates.EOS, "\ninstruction:")
+NAME = "instances"
+
+
+def key(typ: str) -> str:
+    """The stage's name for type `typ`: its file's stem and its timings' key in the manifest."""
+    return f"{NAME}_{typ}"
+
+
+def file_name(typ: str) -> str:
+    return f"{key(typ)}.jsonl"
 
 
 def path(run: Run, typ: str):
-    return run.file(f"instances_{typ}.jsonl")
+    return run.file(file_name(typ))
 
 
 def todo(run: Run, typ: str) -> list[dict]:
@@ -39,10 +49,17 @@ def usable(run: Run, typ: str) -> list[dict]:
     return [r for r in run.read(path(run, typ)) if r["reason"] is None]
 
 
-def template(run: Run, typ: str) -> str:
-    fixed = run.cfg.instances.demos == "fixed"
+def template(cfg: Config, typ: str) -> str:
+    fixed = cfg.instances.demos == "fixed"
     name = f"instances_{typ}.txt" if fixed else f"instances_random_{typ}.txt"
-    return templates.load(name, run.cfg.path(run.cfg.templates_dir))
+    return templates.load(name, cfg.path(cfg.templates_dir))
+
+
+def fixed_requests(cfg: Config, typ: str, instructions: list[str]) -> tuple[list[str], str]:
+    """The prompts of `instructions` with the fixed demonstrations, and the prefix they share
+    (benchmarks replay a run's requests with it)."""
+    tpl = template(cfg, typ)
+    return [templates.fill(tpl, instruction=t) for t in instructions], templates.prefix(tpl, "instruction")
 
 
 def check_fits(run: Run, backend: Backend) -> None:
@@ -50,7 +67,7 @@ def check_fits(run: Run, backend: Backend) -> None:
     Demonstrations are never dropped to make a prompt fit."""
     c = run.cfg.instances
     for typ in ("A", "B"):
-        tpl = template(run, typ)
+        tpl = template(run.cfg, typ)
         if c.demos == "fixed":
             prompt = templates.fill(tpl, instruction="")
             what = f"the fixed prefix of templates/instances_{typ}.txt"
@@ -76,7 +93,7 @@ def decoding(cfg: Config, typ: str) -> Decoding:
 def run_stage(run: Run, backend: Backend, typ: str) -> None:
     c = run.cfg.instances
     with_input = typ == "A"
-    tpl = template(run, typ)
+    tpl = template(run.cfg, typ)
     fixed = c.demos == "fixed"
     prefix = templates.prefix(tpl, "instruction") if fixed else None
     demo_ids: dict[str, list[str]] = {}
@@ -99,5 +116,5 @@ def run_stage(run: Run, backend: Backend, typ: str) -> None:
         rec["completion"] = comp.text
         return rec
 
-    run_batches(run, backend, key=f"instances_{typ}", where=f"instance generation ({typ})", path=path(run, typ),
+    run_batches(run, backend, key=key(typ), where=f"instance generation ({typ})", path=path(run, typ),
                 todo=todo(run, typ), params=decoding(run.cfg, typ), request=request, record=record, prefix=prefix)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from .. import templates
 from ..backends import Backend, Decoding
+from ..config import Config
 from ..errors import UserError
 from ..filters import process_completion
 from ..novelty import Pool, novelty_scores
@@ -14,21 +15,45 @@ from ..runner import Meter, check_stop, progress_bar
 from ..rundir import Run, rng_for, seed_for
 from ..store import append_jsonl, write_jsonl
 
+NAME = "instructions"
+
+
+def key(typ: str) -> str:
+    """The stage's name for type `typ`: its file's stem and its timings' key in the manifest."""
+    return f"{NAME}_{typ}"
+
+
+def file_name(typ: str) -> str:
+    return f"{key(typ)}.jsonl"
+
+
+def path(run: Run, typ: str):
+    return run.file(file_name(typ))
+
+
+def template(cfg: Config, typ: str) -> str:
+    return templates.load(f"instructions_{typ}.txt", cfg.path(cfg.templates_dir))
+
+
+def decoding(cfg: Config) -> Decoding:
+    c = cfg.instructions
+    return Decoding(c.max_tokens, c.temperature, c.top_k, c.top_p, (templates.EOS,))
+
 
 def records(run: Run, typ: str) -> list[dict]:
     """The requests on disk. A batch cut short by a crash is removed whole: its prompts were
     made from the pool at the batch start, so it is generated again from the same state."""
-    path = run.file(f"instructions_{typ}.jsonl")
-    recs = run.read(path)
+    file = path(run, typ)
+    recs = run.read(file)
     for n, r in enumerate(recs):
         if r.get("request") != n:
-            raise UserError(f"{path}:{n + 1}: expected request {n}, found {r.get('request')!r} (file edited by hand?)")
+            raise UserError(f"{file}:{n + 1}: expected request {n}, found {r.get('request')!r} (file edited by hand?)")
     if recs:
         first, size = recs[-1].get("batch", (recs[-1]["request"], 1))
         if len(recs) < first + size:
-            run.note_repair(path, f"removed requests {first}-{len(recs) - 1}: their batch was cut short")
+            run.note_repair(file, f"removed requests {first}-{len(recs) - 1}: their batch was cut short")
             recs = recs[:first]
-            write_jsonl(path, recs)
+            write_jsonl(file, recs)
     return recs
 
 
@@ -45,14 +70,13 @@ def pending(run: Run, typ: str) -> bool:
 def run_stage(run: Run, backend: Backend, typ: str) -> None:
     c = run.cfg.instructions
     target, max_requests = getattr(c.target, typ), getattr(c.target, typ) * c.max_requests_factor
-    path = run.file(f"instructions_{typ}.jsonl")
+    out = path(run, typ)
     recs = records(run, typ)
     pool = [item["text"] for item in accepted(recs)]
     seed_texts = [t.instruction for t in run.seeds[typ]]
     novelty_pool = Pool(seed_texts + pool)  # tokenized once, grows with each accepted item
-    template = templates.load(f"instructions_{typ}.txt", run.cfg.path(run.cfg.templates_dir))
-    params = Decoding(c.max_tokens, c.temperature, c.top_k, c.top_p, (templates.EOS,))
-    with Meter(run, f"instructions_{typ}", backend.card.name) as meter, \
+    tpl, params = template(run.cfg, typ), decoding(run.cfg)
+    with Meter(run, key(typ), backend.card.name) as meter, \
             progress_bar(f"instructions {typ}", target, min(len(pool), target)) as advance:
         while len(pool) < target and len(recs) < max_requests:
             check_stop(run, f"instruction generation ({typ})")
@@ -67,7 +91,7 @@ def run_stage(run: Run, backend: Backend, typ: str) -> None:
                 shown = rng.sample(seed_texts, min(getattr(c.seeds_per_prompt, typ), len(seed_texts)))
                 shown += rng.sample(pool, min(getattr(c.machine_per_prompt, typ), len(pool)))
                 rng.shuffle(shown)
-                prompts.append(templates.instruction_prompt(template, shown))
+                prompts.append(templates.instruction_prompt(tpl, shown))
                 seeds.append(seed_for(run.cfg.seed, "instructions", typ, i))
             completions = backend.generate(prompts, params, seeds)
             meter.add(completions)
@@ -89,6 +113,6 @@ def run_stage(run: Run, backend: Backend, typ: str) -> None:
                                   mean_rouge=nov.mean_score, most_similar=nov.most_similar)
                 batch.append({"id": f"{typ}-request-{i:05d}", "type": typ, "request": i, "batch": [first, size], "seed": s,
                               "finish": comp.finish, "completion": comp.text, "items": items})
-            append_jsonl(path, batch)
+            append_jsonl(out, batch)
             recs.extend(batch)
             advance(len(pool) - before, completions)

@@ -13,8 +13,20 @@ from ..rundir import Run, seed_for
 from . import instances
 
 
+NAME = "outputs"
+
+
+def key(model: str, typ: str) -> str:
+    """The stage's name for one model and type: its file's stem and its timings' key."""
+    return f"{NAME}_{model}_{typ}"
+
+
+def file_name(model: str, typ: str) -> str:
+    return f"{key(model, typ)}.jsonl"
+
+
 def path(run: Run, card: ModelCard, typ: str) -> Path:
-    return run.file(f"outputs_{card.name}_{typ}.jsonl")
+    return run.file(file_name(card.name, typ))
 
 
 def pending(run: Run, card: ModelCard, typ: str) -> bool:
@@ -50,18 +62,26 @@ def decoding(cfg: Config, card: ModelCard, stop_loops: bool) -> Decoding:
     return Decoding(c.max_tokens, stop=(*c.stop, *card.output_stop), loop_test=loops if stop_loops else None)
 
 
+def template(cfg: Config, card: ModelCard) -> str:
+    return templates.load(card.output_template or "output.txt", cfg.path(cfg.templates_dir), templates.FIELDS["output"])
+
+
+def requests(cfg: Config, card: ModelCard, items: list[dict]) -> list[str]:
+    """The prompts of `items` (instruction, input) as this stage sends them to `card`."""
+    tpl = template(cfg, card)
+    return [templates.output_prompt(tpl, it["instruction"], it["input"]) for it in items]
+
+
 def answer(run: Run, backend: Backend, todo: list[dict], out: Path, *, key: str, stage: str, typ: str,
            where: str, stop_loops: bool = False) -> None:
     """Each item of `todo` (id, instruction, input) answered zero-shot and greedily into `out`;
     `evaluate` reuses this for tasks with gold answers (there without `stop_loops`: a looping
     answer is scored as the model wrote it)."""
     card = backend.card
-    template = templates.load(card.output_template or "output.txt", run.cfg.path(run.cfg.templates_dir),
-                              templates.FIELDS["output"])
+    tpl = template(run.cfg, card)
 
     def request(index: int, it: dict) -> tuple[str, int]:
-        return (templates.output_prompt(template, it["instruction"], it["input"]),
-                seed_for(run.cfg.seed, stage, typ, index))
+        return templates.output_prompt(tpl, it["instruction"], it["input"]), seed_for(run.cfg.seed, stage, typ, index)
 
     def record(it: dict, seed: int, comp) -> dict:
         text = comp.text.strip()
@@ -78,5 +98,5 @@ def seed_stage(card: ModelCard) -> str:
 
 def run_stage(run: Run, backend: Backend, typ: str) -> None:
     card = backend.card
-    answer(run, backend, instances.usable(run, typ), path(run, card, typ), key=f"outputs_{card.name}_{typ}",
+    answer(run, backend, instances.usable(run, typ), path(run, card, typ), key=key(card.name, typ),
            stage=seed_stage(card), typ=typ, where=f"extra outputs ({card.name}, {typ})", stop_loops=True)
