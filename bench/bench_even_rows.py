@@ -21,7 +21,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_stages import has_bound, stage_requests  # noqa: E402
 from ensemble_instruct.backends.llamacpp import LlamaCppBackend  # noqa: E402
-from ensemble_instruct.config import Config, load_card, resolve_weights  # noqa: E402
+from ensemble_instruct.config import Config, load_card  # noqa: E402
+from ensemble_instruct.weights import resolve as resolve_weights  # noqa: E402
 
 
 def main():

@@ -22,7 +22,8 @@ sys.path.insert(0, str(ROOT))
 
 from ensemble_instruct import templates  # noqa: E402
 from ensemble_instruct.backends import Decoding, load_backend  # noqa: E402
-from ensemble_instruct.config import load_card, resolve_weights  # noqa: E402
+from ensemble_instruct.config import load_card  # noqa: E402
+from ensemble_instruct.weights import resolve as resolve_weights  # noqa: E402
 from ensemble_instruct.seeds import load_seeds, split_types  # noqa: E402
 
 

@@ -17,7 +17,8 @@ import httpx  # noqa: E402
 
 from ensemble_instruct.backends import Decoding  # noqa: E402
 from ensemble_instruct.backends.openai_server import OpenAIBackend  # noqa: E402
-from ensemble_instruct.config import load_card, resolve_weights  # noqa: E402
+from ensemble_instruct.config import load_card  # noqa: E402
+from ensemble_instruct.weights import resolve as resolve_weights  # noqa: E402
 from ensemble_instruct.seeds import load_seeds  # noqa: E402
 
 

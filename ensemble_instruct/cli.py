@@ -395,16 +395,17 @@ def models_export_hf(card: str = typer.Argument(..., help="Card of a GGUF model 
     """Write a GGUF card's model as a Hugging Face folder (dequantized, float32) that vLLM can serve."""
     from .backends import check_installed
     from .backends.hf import export_hf
-    from .config import load_card, resolve_weights
+    from . import weights
+    from .config import load_card
 
     c, path = load_card(card)
-    weights = resolve_weights(c, path)
-    if weights.suffix != ".gguf":
-        raise UserError(f"{path}: export-hf converts GGUF cards; {weights} is not a .gguf file")
+    gguf = weights.resolve(c, path)
+    if gguf.suffix != ".gguf":
+        raise UserError(f"{path}: export-hf converts GGUF cards; {gguf} is not a .gguf file")
     check_installed(c.model_copy(update={"backend": "transformers"}), path)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out}: exists and is not empty")
-    export_hf(weights, out)
+    export_hf(gguf, out)
     typer.echo(f"{c.name}: wrote {out} (serve it with: python -m vllm.entrypoints.openai.api_server --model {out})")
 
 

@@ -202,7 +202,8 @@ def open_models(out: Path, cfg, cards: list[str]):
     import time
 
     from .backends import check_installed, preflight
-    from .config import check_weights, load_card
+    from . import weights
+    from .config import load_card
     from .rundir import Run, lock
 
     models = [load_card(c) for c in cards]
@@ -212,7 +213,7 @@ def open_models(out: Path, cfg, cards: list[str]):
         raise UserError(f"--models: two cards are named {dup!r}; each model needs its own name")
     for card, path in models:
         check_installed(card, path)
-        check_weights(card, path)
+        weights.check(card, path)
         preflight(card, path)
     out.mkdir(parents=True, exist_ok=True)
     lock(out)

@@ -26,10 +26,11 @@ import shutil
 import time
 from pathlib import Path
 
-from . import tasksets, templates
-from .config import ROOT, FinetuneCfg, ModelCard, load_card, resolve_weights, weights_record
+from . import tasksets, templates, weights
+from .config import ROOT, FinetuneCfg, ModelCard, load_card
 from .errors import UserError
 from .rundir import versions
+from .stages.ensemble import DATASET
 from .store import append_jsonl, read_jsonl, write_json, write_jsonl
 
 
@@ -44,11 +45,11 @@ def _versions() -> dict:
 
 def load_examples(run_dir: Path) -> tuple[list[dict], str]:
     """The run's kept examples and the dataset file's sha256."""
-    path = run_dir / "dataset.jsonl"
+    path = run_dir / DATASET
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: not a directory")
     if not path.is_file():
-        raise UserError(f"{run_dir}: no dataset.jsonl (not a finished run: run `python run.py generate --out {run_dir}`)")
+        raise UserError(f"{run_dir}: no {DATASET} (not a finished run: run `python run.py generate --out {run_dir}`)")
     records = read_jsonl(path, "user")
     if not records:
         raise UserError(f"{path}: no examples (the ensemble kept nothing): nothing to fine-tune on")
@@ -76,7 +77,7 @@ def base_folder(card: ModelCard, card_path: Path) -> Path:
     if card.backend == "openai":
         raise UserError(f"{card_path}: an openai card serves a model over HTTP; fine-tuning needs its weights "
                         "(a transformers or llama_cpp card)")
-    path = resolve_weights(card, card_path)
+    path = weights.resolve(card, card_path)
     if path.is_file():
         if path.suffix != ".gguf":
             raise UserError(f"{path}: not a model folder or a .gguf file")
@@ -239,7 +240,7 @@ def finetune(run_dir: Path, base: str, out: Path, cfg: FinetuneCfg, templates_di
         raise UserError(f"{run_dir}: every kept example is close to an evaluation task: nothing left to train on")
 
     identity = {"run": str(run_dir.resolve()), "dataset_sha256": data_sha, "base_card": card.model_dump(mode="json"),
-                "base_weights": weights_record(card, card_path), "settings": cfg.model_dump(mode="json"), "seed": seed}
+                "base_weights": weights.record(card, card_path), "settings": cfg.model_dump(mode="json"), "seed": seed}
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}

@@ -26,9 +26,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import config as _config, lockfile, settings, templates
+from . import lockfile, settings, templates, weights
 from .backends import check_installed, preflight
-from .config import ROOT, Config, ModelCard, check_weights, file_hash, load_card, load_config, weights_record
+from .config import ROOT, Config, ModelCard, file_hash, load_card, load_config
 from .errors import UserError
 from .seeds import SeedTask, load_seeds, split_types
 from .store import cut_torn_tail, read_jsonl, write_json
@@ -80,11 +80,13 @@ class Run:
         """A backend resolved a hub card's weights: record the commit and bytes where the run was
         opened before they were in the cache; refuse bytes other than those recorded (the branch
         moved on the hub since the run was opened), before this model generates anything."""
-        records = self.manifest["fingerprint"]["weights"]
+        records = self.manifest.get("fingerprint", {}).get("weights")
+        if not records:  # a directory that records no weights (evaluate --models)
+            return
         for i, (c, p) in enumerate([self.generator, *self.extras]):
             if c != card or Path(p) != Path(card_path) or not records[i].get("hub_repo"):
                 continue
-            now = weights_record(c, p)
+            now = weights.record(c, p)
             if records[i].get("commit") is None:
                 records[i] = now
                 self.save_manifest()
@@ -125,7 +127,7 @@ def fingerprint(cfg: Config, cards: list[tuple[ModelCard, Path]]) -> dict:
         # Lists in role order (generator, then the extras in config order), not keyed by name: the
         # generator may also be one of the extras (greedy this time), so a name can fill two roles.
         "cards": [c.model_dump(mode="json") for c, _ in cards],
-        "weights": [weights_record(c, p) for c, p in cards],
+        "weights": [weights.record(c, p) for c, p in cards],
         "engines": engines([c for c, _ in cards]),
         "templates": {p.name: file_hash(p) for p in sorted(tdir.glob("*.txt"))},
         "seeds_file": file_hash(cfg.path(cfg.seeds_file)),
@@ -318,7 +320,7 @@ def open_run(config: Path | None, out: Path | None, num_instructions: int | None
     _check_writable(out)
     for card, path in [generator, *extras]:
         check_installed(card, path)
-        check_weights(card, path)
+        weights.check(card, path)
         preflight(card, path)
     fp = fingerprint(cfg, [generator, *extras])
     try:
@@ -346,7 +348,6 @@ def open_run(config: Path | None, out: Path | None, num_instructions: int | None
         manifest["config_dir"] = str(cfg._dir)
     run = Run(out, cfg, generator, extras, seeds, manifest)
     run.save_manifest()
-    _config.on_hub_resolved = run.hub_resolved
     return run
 
 

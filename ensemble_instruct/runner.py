@@ -50,6 +50,8 @@ def loaded(run: Run, card: ModelCard, path: Path):
         backend = load_backend(card, path)
     load_s = time.perf_counter() - t0
     try:  # finished windows are on disk already; the one that failed is redone on resume
+        if card.source is not None and card.source.hub_repo:
+            run.hub_resolved(card, path)  # the load may have downloaded: are these the bytes recorded?
         with oom_as_error(card, path, "generating with"):
             yield backend
     finally:

@@ -98,14 +98,14 @@ def main() -> None:
     if env.get("INJECT_SLOW_OPEN"):
         from ensemble_instruct import rundir
 
-        check = rundir.check_weights
+        check = rundir.weights.check
 
         def slow(card, path):
             if env.get("INJECT_OPENING_MARK"):  # tells the test the run is being opened now
                 Path(env["INJECT_OPENING_MARK"]).touch()
             time.sleep(float(env["INJECT_SLOW_OPEN"]))
             return check(card, path)
-        rundir.check_weights = slow
+        rundir.weights.check = slow
     from ensemble_instruct.cli import main as cli_main
 
     sys.argv = ["run.py", *sys.argv[1:]]

@@ -179,7 +179,7 @@ def test_prefix_reuse_and_batches_are_byte_identical(name):
     bytes for the same seeds; and a rerun of the same batches gives the same bytes again."""
     from ensemble_instruct import templates
     from ensemble_instruct.backends.llamacpp import LlamaCppBackend
-    from ensemble_instruct.config import resolve_weights
+    from ensemble_instruct.weights import resolve as resolve_weights
     from ensemble_instruct.stages.instances import STOP
 
     card, path = load_card(name)
@@ -207,7 +207,7 @@ def test_a_window_depends_on_its_own_requests_only(smollm):
     share decoding calls), never on requests outside it; the same window gives the same bytes;
     each sequence keeps its own seed."""
     from ensemble_instruct.backends.llamacpp import LlamaCppBackend
-    from ensemble_instruct.config import resolve_weights
+    from ensemble_instruct.weights import resolve as resolve_weights
 
     card, path = load_card("smollm2-135m")
     b = LlamaCppBackend(card.model_copy(update={"parallel": 2, "window": 3}), resolve_weights(card, path))
@@ -270,7 +270,7 @@ def test_a_window_does_not_depend_on_how_large_the_cache_grew(kv):
     from ensemble_instruct import templates
     from ensemble_instruct.kvcache import kv_cells
     from ensemble_instruct.backends.llamacpp import LlamaCppBackend
-    from ensemble_instruct.config import resolve_weights
+    from ensemble_instruct.weights import resolve as resolve_weights
 
     card, path = load_card("smollm2-135m")
     b = LlamaCppBackend(card.model_copy(update={"parallel": 2, "kv": kv}), resolve_weights(card, path))
@@ -300,7 +300,7 @@ def test_sampling_picks_what_llama_cpps_own_sampler_picks(name):
     llama_sampler_sample picks from the same logits with a twin chain (same seed): greedy, top-k 50
     at T=0.7, and the whole vocabulary at T=1 (top_k = 0)."""
     from ensemble_instruct.backends.llamacpp import LlamaCppBackend
-    from ensemble_instruct.config import resolve_weights
+    from ensemble_instruct.weights import resolve as resolve_weights
 
     class Twin(LlamaCppBackend):
         def _sampler(self, params, seed):  # called once per request, in request order
@@ -336,7 +336,7 @@ def test_split_streams_keep_live_slots_contiguous():
     step's live slots are 0..n-1. Moving a sequence copies its KV stream; a rerun gives the same
     bytes."""
     from ensemble_instruct.backends.llamacpp import LlamaCppBackend
-    from ensemble_instruct.config import resolve_weights
+    from ensemble_instruct.weights import resolve as resolve_weights
 
     class Traced(LlamaCppBackend):
         def _execute(self, step, params):
@@ -365,7 +365,7 @@ def test_an_odd_count_of_logit_rows_gets_one_more_and_the_texts_stay_the_same(na
     a dummy token in a spare sequence. Those rows are never sampled: the texts equal those of the
     same windows without the padding, in both KV layouts, and both kinds of padding happened."""
     from ensemble_instruct.backends.llamacpp import LlamaCppBackend
-    from ensemble_instruct.config import resolve_weights
+    from ensemble_instruct.weights import resolve as resolve_weights
 
     class Traced(LlamaCppBackend):
         padded = []

@@ -186,27 +186,28 @@ def test_hub_weights_record_the_commit_and_bytes_and_refuse_a_moved_branch(hub, 
 
 @pytest.mark.models
 def test_hub_weights_not_cached_yet_are_recorded_when_resolved(hub, tmp_path):
-    from ensemble_instruct.config import resolve_weights
+    from ensemble_instruct.runner import loaded
 
     cache, cfg = hub
     run = tmp_path / "run"
-    rundir.open_run(cfg, run)  # nothing cached: what the card says, the rest once loaded
+    opened = rundir.open_run(cfg, run)  # nothing cached: what the card says, the rest once loaded
     rec = manifest(run)["fingerprint"]["weights"][0]
     assert rec["commit"] is None and "sha256_ends" not in rec
-    put_in_cache(cache, C1, smollm2_gguf().read_bytes())  # what a download does
-    card, path = load_card(tmp_path / "cards" / "hub.toml")
-    assert resolve_weights(card, path).name == GGUF  # the backend's load resolves the file
+    put_in_cache(cache, C1, smollm2_gguf().read_bytes())  # what a download at load time does
+    with loaded(opened, *opened.generator):  # the load records what it resolved
+        pass
     rec = manifest(run)["fingerprint"]["weights"][0]
     assert rec["commit"] == C1 and rec["size"] == smollm2_gguf().stat().st_size
     rundir.unlock(run)
-    rundir.open_run(None, run)
+    opened = rundir.open_run(None, run)
     other = bytearray(smollm2_gguf().read_bytes())
     other[-1] ^= 0xFF
     put_in_cache(cache, C2, bytes(other))
     # main moved while the run was open (a download at load time): stopped before the model generates
     with pytest.raises(UserError, match=rf"{REPO} changed on the hub since the run was opened: "
                                         rf"weights\.generator\.commit \('{C1}' -> '{C2}'\)"):
-        resolve_weights(card, path)
+        with loaded(opened, *opened.generator):
+            raise AssertionError("the model generated")
     rundir.unlock(run)
     with pytest.raises(UserError, match=rf"weights\.generator\.commit \('{C1}' -> '{C2}'\)"):
         rundir.open_run(None, run)

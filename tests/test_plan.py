@@ -140,7 +140,7 @@ def test_card_auto_values_and_bad_ones(tmp_path):
 
 def smollm_path():
     card, path = load_card("smollm2-135m")
-    from ensemble_instruct.config import resolve_weights
+    from ensemble_instruct.weights import resolve as resolve_weights
     return card, path, resolve_weights(card, path)
 
 
@@ -154,7 +154,7 @@ def test_gguf_header_matches_the_gguf_package_and_llama_cpp(monkeypatch):
 
     for name in ("smollm2-135m", "gemma3-270m"):
         card, path = load_card(name)
-        from ensemble_instruct.config import resolve_weights
+        from ensemble_instruct.weights import resolve as resolve_weights
         weights = resolve_weights(card, path)
         shape = P.gguf_shape(weights)
         if name == "smollm2-135m":  # gguf's reader parses every array: 5 s here, 20 s for Gemma

@@ -182,7 +182,7 @@ def test_changed_weights_are_refused_on_resume(fake_run, monkeypatch):
 
 
 def test_weight_hash_reads_only_the_ends(tmp_path):
-    from ensemble_instruct.config import quick_hash
+    from ensemble_instruct.weights import quick_hash
 
     big = tmp_path / "big.gguf"
     with open(big, "wb") as f:

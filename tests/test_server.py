@@ -10,7 +10,8 @@ import pytest
 
 from conftest import ROOT, cli, one_line_error, read_jsonl
 from ensemble_instruct.backends import Decoding, load_backend
-from ensemble_instruct.config import load_card, resolve_weights
+from ensemble_instruct.config import load_card
+from ensemble_instruct.weights import resolve as resolve_weights
 from ensemble_instruct.errors import UserError
 
 pytestmark = pytest.mark.models

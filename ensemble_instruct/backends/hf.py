@@ -12,7 +12,8 @@ import gc
 import hashlib
 from pathlib import Path
 
-from ..config import CACHE, ModelCard, resolve_weights
+from .. import weights
+from ..config import CACHE, ModelCard
 from ..errors import UserError
 from . import Backend, Completion, Decoding, bnb, stop_at, too_long, trim_at_stop
 
@@ -203,4 +204,4 @@ class HFBackend(Backend):
 
 
 def load(card: ModelCard, card_path: Path) -> HFBackend:
-    return HFBackend(card, resolve_weights(card, card_path))
+    return HFBackend(card, weights.resolve(card, card_path))

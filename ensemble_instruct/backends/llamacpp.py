@@ -40,7 +40,8 @@ from typing import Iterator
 
 import numpy as np  # llama-cpp-python's own dependency
 
-from ..config import ModelCard, check_gguf, resolve_weights
+from .. import weights
+from ..config import ModelCard
 from ..errors import OutOfMemory, UserError
 from .. import kvcache
 from ..kvcache import N_BATCH, N_UBATCH, kv_cells
@@ -66,7 +67,7 @@ class LlamaCppBackend(Backend):
 
         self.L, self.card, self.reuse_prefix = llama_cpp, card, reuse_prefix
         self.even_rows = even_rows  # pad a step's odd count of logit rows (schedule.Scheduler._even_rows)
-        check_gguf(path)
+        weights.check_gguf(path)
         _silence(llama_cpp)
         llama_cpp.llama_backend_init()
         self.parallel = card.parallel
@@ -386,4 +387,4 @@ def _common_length(a: list[int], b: list[int]) -> int:
 
 
 def load(card: ModelCard, card_path: Path) -> LlamaCppBackend:
-    return LlamaCppBackend(card, resolve_weights(card, card_path))
+    return LlamaCppBackend(card, weights.resolve(card, card_path))

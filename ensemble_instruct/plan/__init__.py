@@ -34,9 +34,9 @@ from .memory import Memory, hf_memory, llama_memory
 from .needs import Need, cells_for, estimate_tokens, layout, stage_needs
 from .probe import Budget
 from .render import print_plan
-from .shapes import GIB, MIB, Shape, card_shape, gguf_shape, hf_shape, local_weights, shape_for
+from .shapes import GIB, MIB, Shape, card_shape, gguf_shape, hf_shape, shape_for
 
 __all__ = ["Budget", "GIB", "MAX_PARALLEL", "MIB", "Memory", "ModelPlan", "Need", "Shape", "card_shape", "cells_for",
            "check_memory", "estimate_tokens", "fits", "gguf_shape", "has_auto", "hf_memory", "hf_shape", "layout",
-           "llama_memory", "local_weights", "plan_config", "plan_model", "print_plan", "resolve_auto", "shape_for",
+           "llama_memory", "plan_config", "plan_model", "print_plan", "resolve_auto", "shape_for",
            "stage_needs", "too_long"]

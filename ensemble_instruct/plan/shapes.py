@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..config import CACHE, ModelCard, _hub_cached, _package_dir
+from .. import weights
+from ..config import ModelCard
 from ..errors import UserError
 from .gguf import _Array, _Header, _gguf_params
 
@@ -161,30 +161,9 @@ def card_shape(card: ModelCard) -> Shape | None:
                  s.sliding_window, weights, (rest // s.n_layers,) * s.n_layers, embd, out, s.tied, "card")
 
 
-def local_weights(card: ModelCard, card_path: Path) -> Path | None:
-    """The card's weights if they are on this machine now: no download, no assembly."""
-    src = card.source
-    if src is None:
-        return None
-    if src.path:
-        p = Path(os.path.expanduser(src.path))
-        p = p if p.is_absolute() else (card_path.parent / p).resolve()
-        return p if p.exists() else None
-    if src.package:
-        if src.assemble:
-            p = CACHE / "models" / f"{card.name}.gguf"
-            return p if p.exists() else None
-        try:
-            p = _package_dir(src.package, card_path) / src.file
-        except UserError:
-            return None
-        return p if p.exists() else None
-    return _hub_cached(src)
-
-
 def shape_for(card: ModelCard, card_path: Path) -> Shape:
     """The model's shape: a local file's header wins over the card's [shape] table."""
-    local = local_weights(card, card_path)
+    local = weights.local(card, card_path)
     if local is not None:
         if local.is_file() and local.suffix == ".gguf":
             shape = gguf_shape(local)
