@@ -329,6 +329,7 @@ def models_check(card: str = typer.Argument(..., help="Card path or name (e.g. s
     load time, tokens/s, peak memory and the planned figure next to it."""
     import time
 
+    from . import settings
     from .backends import Decoding, load_backend, oom_as_error
     from .config import load_card
     from .plan import GIB, check_memory
@@ -340,11 +341,10 @@ def models_check(card: str = typer.Argument(..., help="Card path or name (e.g. s
     if parallel is not None and c.backend != "llama_cpp":
         raise UserError(f"{path}: --parallel is a llama.cpp setting ({c.backend} card)")
     upd = {"context": context} if context else {}
-    if c.backend == "llama_cpp":
-        upd["parallel"] = parallel or (c.parallel if c.parallel != "auto" else 1)
-        if c.gpu_layers == "auto":
-            upd["gpu_layers"] = -1
-    c = c.model_copy(update=upd)
+    if parallel:
+        upd["parallel"] = parallel
+    # "auto" as everywhere else (settings.resolve), here for the card's worst case; nothing to record
+    [(c, _)], _ = settings.resolve([(c.model_copy(update=upd), path)], [c.name], ["check"], None, {})
     n = c.parallel if c.backend == "llama_cpp" else 1
     peak_rss_reset()
     t0 = time.perf_counter()

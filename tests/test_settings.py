@@ -1,9 +1,11 @@
 """Card settings resolved once (settings.py): "auto" numbers come from the plan when a directory is
 first opened, are recorded, and are reused on resume whatever memory is free then; a backend refuses
 a card that still says "auto". No weights needed: a hub card carries the shape the plan reads."""
+import json
+
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, cli
 from ensemble_instruct import plan as P, settings
 from ensemble_instruct.backends import load_backend
 from ensemble_instruct.config import load_card
@@ -44,3 +46,20 @@ def test_a_backend_refuses_an_unresolved_auto():
     card, path = auto_card()
     with pytest.raises(ValueError, match="must be resolved before loading"):
         load_backend(card, path)
+
+
+@pytest.mark.models
+def test_models_check_resolves_auto_as_runs_do(tmp_path):
+    """`models check` of an "auto" card holds what settings.resolve picks for the card's worst case
+    and the memory free now (here: no GPU, 0.35 GB of RAM), not a number of its own."""
+    base, _ = load_card(ROOT / "quantized" / "smollm2-135m.toml")
+    card_file = tmp_path / "auto.toml"
+    card_file.write_text(f'name = "smollm2-auto"\nbackend = "llama_cpp"\ngpu_layers = "auto"\nparallel = "auto"\n'
+                         f'context = 1024\n[source]\npackage = "{base.source.package}"\nfile = "{base.source.file}"\n')
+    card, path = load_card(card_file)
+    want = P.resolve_auto(card, path, "check", None, P.Budget(None, 0.35 * P.GIB, "test"))[0].parallel
+    assert 1 < want < P.MAX_PARALLEL  # the budget decides: neither end of the range
+    r = cli("models", "check", card_file, "--json", script="tests/inject.py",
+            env={"INJECT_RAM_GB": "0.35", "ENSEMBLE_INSTRUCT_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["parallel"] == want
