@@ -20,7 +20,7 @@ PIP_VERSION := 26.3
 # llama-cpp-python's own lines of the lock, built on their own: CMAKE_ARGS and, for GPU=1, no wheel cache
 LLAMA_REQ := $(VENV)/llama-cpp-python.req
 
-.PHONY: setup lock test generate reproduce bench clean vllm vllm-stop test-vllm
+.PHONY: setup lock test generate reproduce bench clean vllm vllm-stop test-vllm gpu-kit
 setup: $(STAMP)
 
 # Every package comes from the lock, exact versions and hashes, --no-deps; torch first (the same pin
@@ -77,6 +77,11 @@ vllm-stop:
 test-vllm: setup
 	scripts/vllm.sh start
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests_vllm; rc=$$?; scripts/vllm.sh stop; exit $$rc
+
+# The offline GPU check's kit (docs/gpu-check.md): KIT=DIR, default gpu-kit/ (a new folder); on the GPU machine
+# `bash DIR/gpu_kit.sh check DIR`.
+gpu-kit: setup
+	scripts/gpu_kit.sh prepare $(if $(KIT),$(KIT),gpu-kit)
 
 clean:
 	rm -rf $(VENV) .venv-vllm .pytest_cache
