@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import fakes
-from test_runs import INJECT, _wait_for_lines, cli
+from test_rundir import INJECT, _wait_for_lines, cli
 
 
 def test_ctrl_c_during_evaluate_says_the_evaluate_command_resumes(tmp_path):

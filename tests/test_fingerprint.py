@@ -13,7 +13,7 @@ from conftest import one_line_error, run_generate
 from ensemble_instruct import rundir
 from ensemble_instruct.config import load_card
 from ensemble_instruct.errors import UserError
-from test_runs import cli, fake_run, manifest  # noqa: F401  (fake_run: a fixture)
+from test_rundir import cli, fake_run, manifest  # noqa: F401  (fake_run: a fixture)
 
 
 def names(run):
@@ -29,7 +29,7 @@ def readers_work(run, tmp_path):
     r = cli("export", run, "-f", "alpaca", "-o", tmp_path / "alpaca.json", fake=False)
     assert r.returncode == 0, r.stderr[-2000:]
     assert len(json.loads((tmp_path / "alpaca.json").read_text())) == len(expected.splitlines())
-    if importlib.util.find_spec("matplotlib"):  # the report extra (as in test_runs)
+    if importlib.util.find_spec("matplotlib"):  # the report extra (as in test_rundir)
         r = cli("report", run, fake=False)
         assert r.returncode == 0, r.stderr[-2000:]
 
