@@ -40,15 +40,17 @@ DEFAULT = pairs.PairSettings()
 # Where the gain comes from: each step adds one change to the one above; the last is the default.
 STEPS = [
     ("naive (margin 0.1)", None),
-    ("flaw-aware agreement, margin 0.1", pairs.PairSettings(margin=0.1, max_length_ratio=0, empty_rejected=True)),
-    ("+ no empty rejected", pairs.PairSettings(margin=0.1, max_length_ratio=0)),
-    ("+ length guard 2.0", pairs.PairSettings(margin=0.1)),
-    ("+ margin 0.05 (default)", DEFAULT),
+    ("flaw-aware agreement, margin 0.1", pairs.PairSettings(margin=0.1, max_agreement_ratio=1, max_length_ratio=0, empty_rejected=True)),
+    ("+ no empty rejected", pairs.PairSettings(margin=0.1, max_agreement_ratio=1, max_length_ratio=0)),
+    ("+ length guard 2", pairs.PairSettings(margin=0.1, max_agreement_ratio=1)),
+    ("+ margin 0.05 and ratio 0.8 (default)", DEFAULT),
 ]
 VARIANTS = [  # one knob moved from the default
     ("naive, margin 0.05", "naive0.05"),
     ("default, margin 0.1", pairs.PairSettings(margin=0.1)),
-    ("default, margin 0.075", pairs.PairSettings(margin=0.075)),
+    ("default, no ratio", pairs.PairSettings(max_agreement_ratio=1)),
+    ("default, ratio 0.7", pairs.PairSettings(max_agreement_ratio=0.7)),
+    ("default, ratio 0.6", pairs.PairSettings(max_agreement_ratio=0.6)),
     ("default, length guard 1.5", pairs.PairSettings(max_length_ratio=1.5)),
     ("default, length guard 3", pairs.PairSettings(max_length_ratio=3)),
     ("default, no length guard", pairs.PairSettings(max_length_ratio=0)),
@@ -104,7 +106,7 @@ def measure(tasks: list[dict], models: dict[str, list[str]], rulesets: list[tupl
     rows = [(t["instruction"], t["input"], [(m, models[m][k]) for m in names]) for k, t in enumerate(tasks)]
     scored = pairs.score_candidates(rows)
     R = gold_rouge(gold, [[models[m][k] for m in names] for k in range(len(tasks))])
-    result = {label: {"pairs": 0, "win": 0, "tie": 0, "instances": 0, "combos": [], "by_flaw": {}}
+    result = {label: {"pairs": 0, "win": 0, "tie": 0, "instances": 0, "combos": [], "by_flaw": {}, "flawed_chosen": [0, 0]}
               for label, _ in rulesets}
     for combo in combinations(range(len(names)), size):
         subs = [sc.subset(combo) for sc in scored]
@@ -125,6 +127,9 @@ def measure(tasks: list[dict], models: dict[str, list[str]], rulesets: list[tupl
                 f = agg["by_flaw"].setdefault(pair.rejected_flaw or "none", [0, 0])
                 f[0] += 1
                 f[1] += d > 1e-12
+                if sc.flaws[pair.chosen_index]:
+                    agg["flawed_chosen"][0] += 1
+                    agg["flawed_chosen"][1] += d > 1e-12
             agg["pairs"] += p
             agg["win"] += w
             agg["tie"] += t
@@ -161,6 +166,7 @@ def main() -> None:
     ap.add_argument("--predictions", type=Path, help="self-instruct's human_eval/predictions folder")
     ap.add_argument("--answers-only", action="store_true", help="skip the constructed models")
     ap.add_argument("--seed", type=int, default=1, help="seed of the constructed models")
+    ap.add_argument("--exclude", action="append", default=[], help="leave out the answer set of this model (repeatable)")
     ap.add_argument("--ablation", action="store_true", help="also: each change on its own, and one knob at a time")
     ap.add_argument("--detail", action="store_true", help="every combination, naive vs the rule")
     a = ap.parse_args()
@@ -181,6 +187,9 @@ def main() -> None:
         rulesets = STEPS + VARIANTS
     print(f"pair rule defaults: {DEFAULT}\n")
     for title, models in sets:
+        if a.exclude:
+            models = {m: v for m, v in models.items() if m not in a.exclude}
+            title += f", without {', '.join(a.exclude)}"
         if len(models) < 3:
             print(f"## {title}: fewer than 3 answer sets\n")
             continue
@@ -190,9 +199,14 @@ def main() -> None:
         result = measure(tasks, models, rulesets)
         n = len(result[rulesets[0][0]]["combos"])
         print("\n".join(table(result, rulesets, f"{n} combinations of 3 models x {len(tasks)} tasks", rulesets[0][0])))
-        d = result["pair rule (default)" if not a.ablation else STEPS[-1][0]]["by_flaw"]
-        print("\nthe rule's pairs by the rejected answer's flaw (pairs, chosen wins): " +
-              ", ".join(f"{f} {v[0]} ({v[1] / v[0]:.3f})" for f, v in sorted(d.items())) + "\n")
+        print()
+        for label in (rulesets[0][0], "pair rule (default)" if not a.ablation else STEPS[-1][0]):
+            r = result[label]
+            fc = r["flawed_chosen"]
+            print(f"{label}: pairs by the rejected answer's flaw (pairs, chosen wins): " +
+                  ", ".join(f"{f} {v[0]} ({v[1] / v[0]:.3f})" for f, v in sorted(r["by_flaw"].items())) +
+                  f"; flawed chosen: {fc[0]}" + (f" ({fc[1] / fc[0]:.3f})" if fc[0] else ""))
+        print()
         if a.detail:
             base, mine = result[rulesets[0][0]], result[STEPS[-1][0] if a.ablation else "pair rule (default)"]
             print("| models | naive: pair share, wins | rule: pair share, wins |\n|---|---|---|")

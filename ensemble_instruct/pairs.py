@@ -16,8 +16,11 @@ rule changes four things, each measured in docs/pairs.md (bench/bench_pairs.py):
    ROUGE-L F1 between two texts of very different length is low whatever they say, so a low
    agreement for a long answer is weak evidence that it is wrong; it is often the one complete
    answer beside terse ones. (A much *shorter* outlier is kept: it is usually incomplete.)
-4. A smaller margin (0.05) than the naive 0.1: the changes above remove most of the pairs a
-   small margin used to let through wrongly, and the margin barely changes precision on its own.
+4. A relative margin beside a smaller absolute one: rejected's agreement at most 0.8 x chosen's,
+   and below it by more than 0.05 (the naive rule: 0.1). How much models agree depends on the
+   task (one right answer, or many) and on the models (stronger ones agree more); a ratio reads
+   0.15 vs 0.05 as the strong signal it is and 0.85 vs 0.75 as the weak one, where a fixed
+   difference treats them alike.
 
 Scoring is the ensemble's (`rules.normalize`, `rules.similarity_matrices`: ROUGE-L F1 with
 stemming, equal texts score 1); ties go to the earliest candidate, as in the paper rule. For
@@ -43,6 +46,7 @@ FLAWS = ("empty", "invalid_text", "repetitive", "echo", "lead_in")
 class PairSettings:
     """How a pair is picked (all measured in docs/pairs.md)."""
     margin: float = 0.05  # chosen's mean agreement minus rejected's must be above this
+    max_agreement_ratio: float = 0.8  # and rejected's at most this fraction of chosen's (1: off)
     max_length_ratio: float = 2.0  # no pair when an unflawed rejected has more than this x chosen's tokens (0: off)
     flawed_rejected: bool = True  # a loop, echo or lead-in may be the rejected answer
     empty_rejected: bool = False  # an empty answer may be the rejected answer
@@ -53,6 +57,8 @@ class PairSettings:
             raise ValueError(f"margin {self.margin}: must be in [0, 1)")
         if self.max_length_ratio < 0 or 0 < self.max_length_ratio < 1:
             raise ValueError(f"max_length_ratio {self.max_length_ratio}: must be 0 (off) or >= 1")
+        if not 0 < self.max_agreement_ratio <= 1:
+            raise ValueError(f"max_agreement_ratio {self.max_agreement_ratio}: must be in (0, 1]")
         if not 0 <= self.min_support <= 1:
             raise ValueError(f"min_support {self.min_support}: must be in [0, 1]")
 
@@ -130,6 +136,7 @@ def _scores(sc: Scored, agreement: np.ndarray, c: int, r: int) -> dict[str, floa
     n = len(sc.texts)
     s = {"chosen_agreement": float(agreement[c]), "rejected_agreement": float(agreement[r]),
          "margin": float(agreement[c] - agreement[r]),
+         "agreement_ratio": float(agreement[r] / agreement[c]) if agreement[c] > 0 else 0.0,
          "length_ratio": (sc.lengths[r] + 1) / (sc.lengths[c] + 1)}
     s.update({f"{i}-{j}": float(sc.S[i, j]) for i, j in combinations(range(n), 2)})
     return {k: round(v, 6) for k, v in s.items()}
@@ -158,7 +165,8 @@ def decide(sc: Scored, settings: PairSettings | None = None) -> Pair | None:
         return None
     # lowest agreement; ties: a flawed answer (known bad), then the earliest
     r = min(eligible, key=lambda i: (agreement[i], sc.flaws[i] is None, i))
-    if agreement[c] - agreement[r] <= st.margin + EPS:
+    if agreement[c] - agreement[r] <= st.margin + EPS or \
+            agreement[r] > st.max_agreement_ratio * agreement[c] + EPS:
         return None
     if st.max_length_ratio and sc.flaws[r] is None and \
             sc.lengths[r] + 1 > st.max_length_ratio * (sc.lengths[c] + 1):

@@ -108,6 +108,17 @@ def test_margin_is_strict():
     assert decide_naive(hand(S), 0.29) is not None and decide_naive(hand(S), 0.3) is None
 
 
+def test_agreement_ratio():
+    # a clear outlier passes; agreements too close as a ratio do not, whatever the margin
+    S = [[1, .9, .2, .2], [.9, 1, .1, .1], [.2, .1, 1, .2], [.2, .1, .2, 1]]
+    sc = hand(S)
+    assert decide(sc, PairSettings(margin=0.0)).rejected_index == 2  # 0.17 / 0.43 = 0.38
+    S2 = [[1, .5, .6], [.5, 1, .4], [.6, .4, 1]]  # 0.55, 0.45, 0.5: 0.45/0.55 = 0.82
+    assert decide(hand(S2), PairSettings(margin=0.0)) is None
+    assert decide(hand(S2), PairSettings(margin=0.0, max_agreement_ratio=0.85)).rejected_index == 1
+    assert decide(hand(S2), PairSettings(margin=0.0, max_agreement_ratio=1)) is not None
+
+
 def test_ties_go_to_the_earliest_chosen_and_a_flawed_rejected():
     # 0 and 1 identical (agreement tie): the earliest is chosen
     p = pick_pair(INSTR, "", [("a", OFF), ("b", ANSWER), ("c", ANSWER)])
@@ -164,7 +175,8 @@ def test_chosen_is_the_paper_rules_pick_for_three_unflawed_answers():
 
 
 def test_settings_are_checked():
-    for bad in (dict(margin=-0.1), dict(margin=1.0), dict(max_length_ratio=0.5), dict(min_support=1.5)):
+    for bad in (dict(margin=-0.1), dict(margin=1.0), dict(max_length_ratio=0.5), dict(min_support=1.5),
+                dict(max_agreement_ratio=0), dict(max_agreement_ratio=1.2)):
         with pytest.raises(ValueError):
             PairSettings(**bad)
     with pytest.raises(ValueError):
