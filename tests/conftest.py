@@ -56,6 +56,20 @@ def paper_rule_by_hand(cands: list[str], threshold: float = 0.01) -> int | None:
     return agreement.index(max(agreement))  # ties: the earliest
 
 
+def random_candidates(seed=0, rows=300, n=3):
+    """(gold, candidates): rows of n answers, each the gold text (15 %) or a part of its words with
+    random words after it; every rule's branches (exact, kept, dropped) occur."""
+    rng = random.Random(seed)
+    gold, cands = [], []
+    for _ in range(rows):
+        g = random_text(rng, 1, 12)
+        row = [g if rng.random() < 0.15 else " ".join(w for w in g.split() if rng.random() < 0.7) + " " +
+               random_text(rng, 0, 5) for _ in range(n)]
+        gold.append(g)
+        cands.append(row)
+    return gold, cands
+
+
 @pytest.fixture(autouse=True)
 def release_run_locks():
     """A test that opens runs in this process releases their locks, as the CLI does on exit."""

@@ -1,16 +1,13 @@
-"""`run.py evaluate` and the selection rules, without models: hand-built answer files whose numbers
-are known, rouge-score as the reference, monotone sweeps, deterministic rules, one-line errors."""
+"""`run.py evaluate` without models: hand-built answer files whose numbers are known, rouge-score as
+the reference, monotone sweeps, one-line errors. The selection rules themselves: tests/test_rules.py."""
 import json
 import random
-import typing
 
-import numpy as np
 import pytest
 from rouge_score import rouge_scorer
 
-from conftest import ROOT, cli, one_line_error, paper_rule_by_hand, random_text, read_jsonl, write_jsonl
+from conftest import ROOT, cli, one_line_error, random_candidates, random_text, read_jsonl, write_jsonl
 from ensemble_instruct import rules
-from ensemble_instruct.config import EnsembleCfg
 from ensemble_instruct.evaluate import SWEEP, gold_rouge, measure
 
 
@@ -139,18 +136,6 @@ def test_gold_rouge_equals_rouge_score():
             assert R[k, m] == scorer.score(g, c[m])["rougeL"].fmeasure, (g, c[m])
 
 
-def random_candidates(seed=0, rows=300, n=3):
-    rng = random.Random(seed)
-    gold, cands = [], []
-    for _ in range(rows):
-        g = random_text(rng, 1, 12)
-        row = [g if rng.random() < 0.15 else " ".join(w for w in g.split() if rng.random() < 0.7) + " " +
-               random_text(rng, 0, 5) for _ in range(n)]
-        gold.append(g)
-        cands.append(row)
-    return gold, cands
-
-
 @pytest.mark.parametrize("n", [3, 5])
 def test_sweep_is_monotone_and_nested(n):
     gold, cands = random_candidates(1, n=n)
@@ -166,29 +151,6 @@ def test_sweep_is_monotone_and_nested(n):
             assert not (b & ~a).any()  # a higher threshold keeps a subset of the rows
 
 
-def test_rules_are_deterministic():
-    _, cands = random_candidates(2)
-    for rule in rules.RULES:
-        a, b = rules.score(cands, rule), rules.score(cands, rule, workers=1)
-        assert (a.pick == b.pick).all() and (a.confidence == b.confidence).all()
-        da, db = rules.select(cands, rule), rules.select([list(c) for c in cands], rule)
-        assert [(d.kept, d.winner, d.output) for d in da] == [(d.kept, d.winner, d.output) for d in db]
-
-
-def test_paper_rule_is_the_spec():
-    # Against the spec written out on rouge-score (conftest), not against the package's own code:
-    # what `evaluate` measures (score + kept_mask) and what the pipeline keeps (select) alike.
-    _, cands = random_candidates(2)
-    scored = rules.score(cands, "paper")
-    for t in (0.0, 0.01, 0.3, 0.6):
-        want = [paper_rule_by_hand(c, t) for c in cands]
-        keep = rules.kept_mask(scored, cands, t)
-        assert [int(p) if k else None for p, k in zip(scored.pick, keep)] == want, t
-        assert [d.winner for d in rules.select(cands, "paper", t)] == want, t
-        if t == 0.01:  # the rows exercise every branch: exact match, medoid, dropped
-            assert {d.rule for d in rules.select(cands, "paper", t)} == {"exact", "rouge", "below_threshold"}
-
-
 def test_same_metrics_twice(tmp_path):
     tasks, files = hand_built(tmp_path)
     outs = []
@@ -196,39 +158,6 @@ def test_same_metrics_twice(tmp_path):
         assert cli("evaluate", "--tasks", tasks, "--outputs", *files, "--out", tmp_path / f"e{k}").returncode == 0
         outs.append((tmp_path / f"e{k}" / "metrics.json").read_bytes())
     assert outs[0] == outs[1]
-
-
-def test_weighted_vote_follows_the_reliable_model():
-    # On the common rows m0 agrees with both others, m1 and m2 not with each other: m0 is the most
-    # reliable. On the last row the medoid is m1's answer (summed agreement 1.07 against 1.02 for
-    # m0: the paper's pick), but m0's vote weighs most, so weighted picks m0's answer.
-    common = [["a b c d", "a b c x", "y z d"]] * 5
-    row = ["t q w s", "t r q", "v u t v q"]
-    s_paper, s_w = rules.score(common + [row], "paper"), rules.score(common + [row], "weighted")
-    assert s_w.weights[0] == max(s_w.weights)
-    assert s_paper.pick[-1] == 1 and s_w.pick[-1] == 0
-    # same keep decision as the paper rule
-    assert (rules.kept_mask(s_paper, common + [row], 0.01) == rules.kept_mask(s_w, common + [row], 0.01)).all()
-
-
-def test_quorum_survives_one_dissenting_model():
-    rows = [["the cat sat", "the cat sat down", "a cat sat", "the cat", "zzz"]] * 3
-    assert not any(d.kept for d in rules.select(rows, "paper"))  # one model vetoes the row
-    ds = rules.select(rows, "quorum")  # a majority (3 of 5) agrees
-    assert all(d.kept and d.winner != 4 for d in ds)
-    assert all(d.kept for d in rules.select(rows, "quorum", quorum=4))
-    assert not any(d.kept for d in rules.select(rows, "quorum", quorum=5))
-
-
-def test_similarities_and_config_names():
-    assert set(typing.get_args(EnsembleCfg.model_fields["rule"].annotation)) == set(rules.RULES)
-    norms = [["the cat sat", "the cat sat", "dog"], ["", "a", "a b"]]
-    for sim in ("rouge", "f1", "chrf"):
-        S = rules.similarity_matrices(norms, sim)
-        assert np.allclose(S, S.transpose(0, 2, 1)) and (np.diagonal(S, axis1=1, axis2=2) == 1).all()
-        assert S[0, 0, 1] == 1.0 and S[0, 0, 2] == 0.0 and S[1, 0, 1] == 0.0
-        assert ((S >= 0) & (S <= 1)).all()
-    assert rules.similarity_matrices([["a b c d", "a b x y", "q"]], "f1")[0, 0, 1] == 0.5
 
 
 def test_ensemble_command_takes_a_rule(tmp_path):
