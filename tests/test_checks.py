@@ -1,5 +1,6 @@
-"""Checks made when a run is opened (templates, cards) and stage behaviour at the edges (a prompt
-that does not fit, more instructions than asked for, a server's bad answer), with fake models."""
+"""Checks made when a run is opened (templates) and stage behaviour at the edges (a prompt that does
+not fit, more instructions than asked for, a server's bad answer), with fake models. Loading and
+validating cards and configs: tests/test_config.py."""
 import json
 import shutil
 import threading
@@ -53,43 +54,6 @@ def test_a_bad_template_stops_the_run_before_any_model_loads(tmp_path, monkeypat
     with pytest.raises(UserError, match=r"templates/output_base.txt:3: unknown field \{langauge\}"):
         rundir.open_run(config, tmp_path / "run")
     assert loads == [] and not (tmp_path / "run").exists()
-
-
-# ------------------------------------------------------------ model cards
-
-@pytest.mark.parametrize("backend,key,line", [
-    ("openai", "gpu_layers", "gpu_layers = 10"),
-    ("openai", "parallel", "parallel = 4"),
-    ("transformers", "parallel", "parallel = 4"),
-    ("transformers", "threads", "threads = 2"),
-    ("llama_cpp", "batch_size", "batch_size = 8"),
-    ("llama_cpp", "concurrency", "concurrency = 8"),
-])
-def test_card_key_of_another_backend_is_refused(tmp_path, backend, key, line):
-    body = {"openai": 'base_url = "http://x"\nmodel = "m"\n',
-            "transformers": "", "llama_cpp": ""}[backend]
-    source = "" if backend == "openai" else '[source]\npath = "w.gguf"\n'
-    card = tmp_path / "card.toml"
-    card.write_text(f'name = "x"\nbackend = "{backend}"\n{body}{line}\n{source}')
-    with pytest.raises(UserError) as e:
-        load_card(card)
-    assert str(e.value).startswith(f"{card}: {key}: not a setting of {backend} cards")
-
-
-def test_every_bundled_card_loads():
-    cards = sorted((ROOT / "quantized").glob("*.toml"))
-    assert len(cards) >= 10
-    for path in cards:
-        load_card(path)
-
-
-def test_hub_cards_need_a_revision(tmp_path):
-    card = tmp_path / "card.toml"
-    card.write_text('name = "x"\nbackend = "transformers"\n[source]\nhub_repo = "org/model"\n')
-    with pytest.raises(UserError, match="source.hub_repo needs source.revision"):
-        load_card(card)
-    card.write_text(card.read_text() + 'revision = "0123abc"\n')
-    assert load_card(card)[0].source.revision == "0123abc"
 
 
 # ------------------------------------------------------------ stages at the edges
@@ -279,14 +243,3 @@ def test_llamacpp_decode_failure_kinds(rc, kind):
     with pytest.raises(UserError) as e:
         b._decode([(5, 0, 0, True)])
     assert type(e.value).__name__ == kind and f"llama_decode returned {rc}" in str(e.value)
-
-
-def test_config_by_preset_name(tmp_path):
-    from ensemble_instruct.config import find_config
-
-    assert find_config("paper") == ROOT / "configs" / "paper.toml"
-    assert find_config(ROOT / "configs" / "ci.toml") == ROOT / "configs" / "ci.toml"
-    with pytest.raises(UserError, match=r"nope: config file not found \(a path, or a preset: ci, ci-server, "):
-        find_config("nope")
-    with pytest.raises(UserError, match="config file not found"):
-        find_config(tmp_path / "paper")  # a path is never a preset name
