@@ -217,14 +217,49 @@ class Config(Strict):
         return self
 
 
+def _loc(err: dict) -> tuple[str, ...]:
+    # Union members' tags (`parallel.constrained-int`, `demos.PerType`) are pydantic's, not the file's keys
+    return tuple(str(x) for x in err["loc"]
+                 if not str(x).startswith(("constrained-", "literal[", "list[")) and str(x) not in _models())
+
+
+def _models(cls=None) -> set[str]:
+    """The names of our config classes, which pydantic puts in a union member's error location."""
+    subs = (cls or Strict).__subclasses__()
+    return {c.__name__ for c in subs} | {n for c in subs for n in _models(c)}
+
+
 def _one_line(e: ValidationError) -> str:
-    err = e.errors()[0]
-    # Union members' tags (`parallel.constrained-int`) are pydantic's, not the file's keys
-    loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith(("constrained-", "literal[", "list[")))
-    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+    errs = e.errors()
+    loc = _loc(errs[0])
+    same = [x for x in errs if _loc(x)[:len(loc)] == loc]
+    deeper = [x for x in same if len(_loc(x)) > len(loc)]
+    if deeper:  # a union member took the value's shape and one of its fields failed: name that field
+        errs, loc = deeper, _loc(deeper[0])
+        same = [deeper[0]]
+    err = errs[0]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif len(same) > 1:  # a value that no member of a union takes: what each would take
+        msg = "expected " + " or ".join(dict.fromkeys(_wanted(x) for x in same)) + f" (got {err['input']!r})"
+    else:
+        msg = err["msg"] + (f" (got {err['input']!r})" if err["type"] == "literal_error" else "")
+    key = ".".join(loc)
+    return f"{key}: {msg}" if key else msg
+
+
+def _wanted(err: dict) -> str:
+    ctx = err.get("ctx") or {}
     if err["type"] == "literal_error":
-        msg = f"{msg} (got {err['input']!r})"
-    return f"{loc}: {msg}" if loc else msg
+        return ctx["expected"]
+    if err["type"].startswith("int_"):
+        return "an integer"
+    if err["type"] in ("model_type", "dict_type"):
+        return "a table"
+    for k, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+        if k in ctx:
+            return f"a number {word} {ctx[k]}"
+    return err["msg"].removeprefix("Input should be ")
 
 
 def _load_toml(path: Path) -> dict:

@@ -92,7 +92,8 @@ def test_card_by_name_by_path_and_not_found(tmp_path, monkeypatch):
                                   "'weighted-chrf' or 'quorum' (got 'best')"),
     ("[instructions]\ntop_p = 0", "instructions.top_p: Input should be greater than 0"),
     ('[finetune]\nrank = "x"', "finetune.rank: Input should be a valid integer"),
-    ('[instances]\ndemos = "random"', "instances.demos: Input should be 'fixed' (got 'random')"),
+    ('[instances]\ndemos = "random"', "instances.demos: expected 'fixed' or a table (got 'random')"),
+    ("[instances]\ndemos = { A = -1, B = 2 }", "instances.demos.A: Input should be greater than or equal to 0"),
     ("[outputs]\nstop = 3", "outputs.stop: Input should be a valid list"),
 ])
 def test_bad_config_key_is_one_line_naming_file_and_key(tmp_path, extra, message):
@@ -109,9 +110,9 @@ def test_config_without_its_models_and_bad_files(tmp_path):
 
 
 @pytest.mark.parametrize("lines,message", [
-    ("gpu_layers = -2", "gpu_layers: Input should be greater than or equal to -1"),
-    ('gpu_layers = "all"', "gpu_layers: Input should be a valid integer"),
-    ("parallel = 0", "parallel: Input should be greater than or equal to 1"),
+    ("gpu_layers = -2", "gpu_layers: expected a number >= -1 or 'auto' (got -2)"),
+    ('gpu_layers = "all"', "gpu_layers: expected an integer or 'auto' (got 'all')"),
+    ("parallel = 0", "parallel: expected a number >= 1 or 'auto' (got 0)"),
     ('kv = "paged"', "kv: Input should be 'auto', 'split' or 'unified' (got 'paged')"),
     ("colour = 1", "colour: unknown key"),
     ('[source]\npath = "a.gguf"\npackage = "p"', "source: Value error, set exactly one of source.path, "),
