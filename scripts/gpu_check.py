@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import threading
@@ -67,7 +68,9 @@ def make_models(kit: Path, models: Path) -> dict:
     import numpy as np
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging
 
+    logging.disable_progress_bar()
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(kit / "tokenizer" / "hf")
     cfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **SHAPE)
@@ -239,12 +242,19 @@ def check_build(c: Ctx) -> dict:
         sdist = next(c.kit.glob("llama_cpp_python-*.tar.gz"), None)
         if sdist is None:
             raise CheckFailed(f"{c.kit}: no llama_cpp_python sdist (a kit made with --no-download)")
+        env = {"CMAKE_GENERATOR": "Ninja", "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count())}
+        nvcc = None
         if c.gpu:
-            cap = nvidia_smi("compute_cap").replace(".", "")
+            cap = nvidia_smi("compute_cap").replace(".", "")  # 8.9 -> 89: this GPU's architecture only
             cmake = f"-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES={cap} -DLLAVA_BUILD=OFF"
+            nvcc = shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if Path(p).exists()), None)
+            if nvcc is None:
+                raise CheckFailed("no nvcc on PATH or in /usr/local/cuda/bin: the CUDA toolkit is needed to build")
+            env["CUDACXX"] = nvcc
+            nvcc = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
         else:
             cap, cmake = None, "-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF"
-        env = {"CMAKE_ARGS": cmake, "CMAKE_GENERATOR": "Ninja", "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count())}
+        env["CMAKE_ARGS"] = cmake
         t0 = time.perf_counter()
         log = c.work / "build.log"
         with open(log, "w") as f:
@@ -254,7 +264,8 @@ def check_build(c: Ctx) -> dict:
         build_s = round(time.perf_counter() - t0, 1)
         if rc != 0:
             raise CheckFailed(f"pip install {sdist.name} exit {rc}: see {log}: {tail(log.read_text())}")
-        figures = {"built": True, "build_s": build_s, "cmake_args": cmake, "cuda_arch": cap, "jobs": os.cpu_count()}
+        figures = {"built": True, "build_s": build_s, "cmake_args": cmake, "cuda_arch": cap, "nvcc": nvcc,
+                   "jobs": os.cpu_count()}
     else:
         figures = {"built": False, "note": "--cpu: the installed llama-cpp-python (--build builds the kit's sdist)"}
     r = c.run([sys.executable, "-c", "import json, llama_cpp as L; print(json.dumps({'version': L.__version__, "
@@ -278,6 +289,8 @@ def check_plan_vram(c: Ctx) -> dict:
             planned, peak = m["planned_gb"], m["peak_rss_mb"] / 1024
         rows.append({"parallel": par, "context": CONTEXT, "planned_gb": planned, "measured_gb": round(peak, 3),
                      "error": err_ratio(planned, peak), "tok_s": m["tok_s"]})
+        if c.gpu:  # the host side of the same plan, for the record
+            rows[-1].update(planned_host_gb=m["planned_gb"], rss_gb=round(m["peak_rss_mb"] / 1024, 3))
     plan = c.cli("plan", "-c", write_run_config(c, "plan"), "--json")
     ok = all(r["error"] is not None and abs(r["error"]) <= TARGET for r in rows) and plan["rc"] == 0
     out = {"ok": ok, "measured": "NVML: GPU memory used" if c.gpu else "peak RSS", "target": TARGET, "rows": rows}
@@ -342,15 +355,17 @@ def check_rerun_identical(c: Ctx) -> dict:
     same = runs[0] == runs[1]
     differ = sorted(k for k in set(runs[0]) | set(runs[1]) if runs[0].get(k) != runs[1].get(k))
     lines = sum(v.count(b"\n") for v in runs[0].values())
-    return {"ok": same and lines > 0, "files": len(runs[0]), "lines": lines, "differ": differ, "run_s": times,
-            "auto": manifest.get("auto"), "tokens": _manifest_tokens(manifest)}
+    auto = manifest.get("auto") or {}
+    on_gpu = (auto.get("generator") or {}).get("gpu_layers") not in (0, None)  # the plan put layers on the GPU
+    return {"ok": same and lines > 0 and (on_gpu or not c.gpu), "files": len(runs[0]), "lines": lines,
+            "differ": differ, "run_s": times,
+            "auto": manifest.get("auto"), "completion_tokens": _manifest_tokens(manifest)}
 
 
-def _manifest_tokens(manifest: dict):
-    try:
-        return sum(s.get("tokens", 0) for s in manifest.get("stages", {}).values() if isinstance(s, dict))
-    except AttributeError:
-        return None
+def _manifest_tokens(manifest: dict) -> dict:
+    """{stage: completion tokens} from the run's manifest (a figure only)."""
+    t = manifest.get("timings") or {}
+    return {k: v.get("completion_tokens") for k, v in t.items() if isinstance(v, dict)}
 
 
 def check_bnb_nf4(c: Ctx) -> dict:
@@ -491,6 +506,7 @@ def summary_line(ch: dict) -> str:
         return f"{status}  {n}: " + ", ".join(f"{r['device']} p{r['parallel']} {r['tok_s']} tok/s" for r in ch["rows"])
     if n == "rerun_identical":
         return (f"{status}  {n}: {ch['files']} files, {ch['lines']} lines, "
+                f"{sum(x or 0 for x in ch['completion_tokens'].values())} tokens generated, "
                 f"{'identical' if not ch['differ'] else 'differ: ' + ', '.join(ch['differ'])}; runs {ch['run_s']} s")
     if n == "bnb_nf4":
         return (f"{status}  {n}: on {ch['device']}, 4-bit {ch['quantized_4bit']}, {ch['tokens']} tokens, sampled "

@@ -44,8 +44,9 @@ check)
   venv=$work/venv
   # A venv that sees the interpreter's own packages behind its own (site.addsitedir in a .pth: works for a system
   # Python, a conda env or another venv alike), so the kit's wheels come first and torch & co. from the machine.
+  # --without-pip: the machine's pip serves it through the .pth (a Debian Python may lack ensurepip).
   if [ ! -x "$venv/bin/python" ]; then
-    "$PYTHON" -m venv "$venv"
+    "$PYTHON" -m venv --without-pip "$venv"
     site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
     "$PYTHON" -c 'import site, sys
 dirs = site.getsitepackages() + [site.getusersitepackages()]
