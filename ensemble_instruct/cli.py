@@ -103,12 +103,17 @@ def ensemble(
     rule: str = typer.Option("paper", "--rule", help="Selection rule: paper | weighted | weighted-f1 | "
                              "weighted-chrf | quorum (see `evaluate`)."),
     quorum: int = typer.Option(0, "--quorum", help="quorum rule: agreeing candidates needed (0 = a majority)."),
+    pairs_out: Optional[Path] = typer.Option(None, "--pairs", help="Also write preference pairs (JSONL): the "
+                                             "consensus output as chosen, the least agreed-with as rejected "
+                                             "([ensemble.pairs] defaults; a run writes RUN/pairs.jsonl)."),
 ):
     """Keep only the instances whose candidate outputs agree (CPU only, no model)."""
     from . import ensemble as ens
     from .rules import RULES, select
     from .store import read_jsonl, write_jsonl
 
+    if run_dir is not None and pairs_out is not None:
+        raise UserError("--pairs is for INSTANCES OUTPUTS...; ensemble --run writes the run's pairs.jsonl itself")
     if run_dir is not None:
         from . import report
         from .rundir import open_existing
@@ -121,7 +126,8 @@ def ensemble(
         raise UserError("give INSTANCES OUTPUTS... -o OUT, or --run RUN_DIR")
     outputs = outputs or []
     if len(outputs) < 2:
-        raise UserError("ensemble needs at least 2 OUTPUTS files (3 candidates per instance)")
+        raise UserError(f"ensemble{' --pairs' if pairs_out else ''} needs at least 2 OUTPUTS files "
+                        f"(3 candidates per instance), got {len(outputs)}")
     if not 0 <= threshold < 1:
         raise UserError(f"--threshold must be in [0, 1), got {threshold}")
     if rule not in RULES:
@@ -135,6 +141,14 @@ def ensemble(
     decisions = select(cands, rule, threshold, quorum)
     sources = ["generator"] + [p.stem for p in outputs]
     write_jsonl(out, (ens.decision_record(i, d, sources) for i, d in zip(inst, decisions) if d.kept))
+    if pairs_out is not None:
+        from .pairs import pick_pairs
+
+        picked = pick_pairs([(i["instruction"], i.get("input", ""), list(zip(sources, c))) for i, c in zip(inst, cands)])
+        # id: as in OUT; an instance without one is named by its line in INSTANCES
+        write_jsonl(pairs_out, (ens.pair_record({"id": n, **i}, p) for n, (i, p) in enumerate(zip(inst, picked), 1)
+                                if p is not None))
+        typer.echo(f"{sum(p is not None for p in picked)} preference pairs -> {pairs_out}")
     counts: dict[str, int] = {}
     for d in decisions:
         counts[d.rule] = counts.get(d.rule, 0) + 1
@@ -247,9 +261,10 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory."),
 
 @app.command()
 def export(run_dir: Path = typer.Argument(..., help="A finished run directory."),
-           format: str = typer.Option("alpaca", "--format", "-f", help="alpaca | jsonl (chat messages) | sharegpt | hf"),
+           format: str = typer.Option("alpaca", "--format", "-f", help="alpaca | jsonl (chat messages) | sharegpt | hf | "
+                                "dpo (preference pairs, TRL's format) | dpo-chat (the same as chat messages)"),
            out: Path = typer.Option(..., "-o", "--out", help="Output file (a folder for hf).")):
-    """Export the kept examples for fine-tuning."""
+    """Export the kept examples (or, as dpo, the preference pairs) for fine-tuning."""
     from .export import export as do_export
 
     n = do_export(run_dir, format, out)

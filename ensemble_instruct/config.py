@@ -157,12 +157,30 @@ class OutputsCfg(Strict):
     stop: list[str] = ["\n\n", "|EoS|"]  # as the reference implementation
 
 
+class PairsCfg(Strict):
+    """[ensemble.pairs]: preference pairs (chosen = the consensus, rejected = the answer the others
+    agree with least), the rule in ensemble_instruct/pairs.py, measured in docs/pairs.md."""
+    margin: float = Field(0.05, ge=0, lt=1)  # chosen's mean agreement minus rejected's must exceed it
+    max_agreement_ratio: float = Field(0.8, gt=0, le=1)  # and rejected's at most this x chosen's (1: off)
+    max_length_ratio: float = Field(2.0, ge=0)  # no pair when rejected is longer than this x chosen (0: off)
+    flawed_rejected: bool = True  # a loop, echo or lead-in may be the rejected answer
+    empty_rejected: bool = False  # an empty answer may be the rejected answer
+    min_support: float = Field(0.0, ge=0, le=1)  # chosen's best agreement with one other must reach it
+
+    @model_validator(mode="after")
+    def _length_ratio(self):
+        if 0 < self.max_length_ratio < 1:
+            raise ValueError("max_length_ratio must be 0 (off) or at least 1")
+        return self
+
+
 class EnsembleCfg(Strict):
     threshold: float = Field(0.01, ge=0, lt=1)
     # selection rule (ensemble_instruct/rules.py): paper (the spec's, default), weighted,
     # weighted-f1, weighted-chrf, quorum; `run.py evaluate` compares them on gold answers
     rule: Literal["paper", "weighted", "weighted-f1", "weighted-chrf", "quorum"] = "paper"
     quorum: int = Field(0, ge=0)  # quorum rule: agreeing candidates needed (0 = a majority)
+    pairs: PairsCfg = PairsCfg()
 
 
 class FinetuneCfg(Strict):

@@ -63,3 +63,12 @@ def decision_record(instance: dict, d: Decision, sources: list[str]) -> dict:
     if d.scores:
         rec["scores"] = d.scores
     return rec
+
+
+def pair_record(instance: dict, p) -> dict:
+    """What we write for an instance that yields a preference pair (a `pairs.Pair`)."""
+    rec = {k: instance[k] for k in ("id", "type") if k in instance}
+    rec.update(instruction=instance["instruction"], input=instance.get("input", ""), chosen=p.chosen,
+               rejected=p.rejected, chosen_model=p.chosen_model, rejected_model=p.rejected_model,
+               rejected_flaw=p.rejected_flaw, scores=p.scores)
+    return rec

@@ -16,6 +16,7 @@ def funnel(run_dir: Path) -> dict:
     """Counts per type: requests, items, rejections per reason, instances, ensemble rules, winners."""
     run_dir = Path(run_dir)
     out = {}
+    pairs = read_jsonl(run_dir / ensemble.PAIRS, "run") if (run_dir / ensemble.PAIRS).exists() else None
     for typ in TYPES:
         reqs = read_jsonl(run_dir / instructions.file_name(typ), "run")
         items = [it for r in reqs for it in r["items"]]
@@ -32,6 +33,8 @@ def funnel(run_dir: Path) -> dict:
             "ensemble_rules": dict(Counter(r["rule"] for r in ens)),
             "kept": sum(r["kept"] for r in ens),
             "winners": dict(Counter(r["source"] for r in ens if r["kept"])),
+            # a run made before pairs existed has none on disk (ensemble --run writes them)
+            "pairs": sum(p["type"] == typ for p in pairs) if pairs is not None else "-",
         }
     return out
 
@@ -46,7 +49,8 @@ def print_summary(run_dir: Path) -> None:
     rows = [("requests", "requests"), ("raw instructions", "raw_instructions"),
             ("rejected instructions", "instruction_rejected"), ("accepted instructions", "accepted_instructions"),
             ("instances dropped", "instance_dropped"), ("usable instances", "usable_instances"),
-            ("ensemble rule", "ensemble_rules"), ("kept", "kept"), ("kept output from", "winners")]
+            ("ensemble rule", "ensemble_rules"), ("kept", "kept"), ("kept output from", "winners"),
+            ("preference pairs", "pairs")]
     for label, key in rows:
         table.add_row(label, *(fmt(f[t][key]) if isinstance(f[t][key], dict) else str(f[t][key]) for t in TYPES))
     console = Console(stderr=True)
@@ -198,7 +202,7 @@ def build_report(run_dir: Path, sample: int = 5) -> Path:
             ("instruction_rejected", "rejected (reason: count)"), ("accepted_instructions", "accepted instructions"),
             ("instances", "instances generated"), ("instance_dropped", "instances dropped (reason: count)"),
             ("usable_instances", "usable instances"), ("ensemble_rules", "ensemble rule (rule: count)"),
-            ("kept", "kept"), ("winners", "kept output from")]
+            ("kept", "kept"), ("winners", "kept output from"), ("pairs", "preference pairs")]
     md += [md_table(["", "type A", "type B"],
                   [[label, *(fmt(f[t][k]) if isinstance(f[t][k], dict) else f[t][k] for t in TYPES)] for k, label in keys])]
     md += ["", "## Cost per stage", ""]
@@ -219,6 +223,15 @@ def build_report(run_dir: Path, sample: int = 5) -> Path:
            md_table(["id", "pairwise ROUGE-L", "instruction", "generator output"],
                   [[r["id"], fmt({k: round(v, 3) for k, v in r.get("scores", {}).items()}), _clip(r["instruction"]),
                     _clip(r["output"])] for r in data["dropped"][:sample]]), ""]
+    pairs = read_jsonl(run_dir / ensemble.PAIRS, "run") if (run_dir / ensemble.PAIRS).exists() else []
+    md += ["## Sample of preference pairs", "",
+           "Chosen: the answer the models agree with most; rejected: the one they agree with least "
+           "(export them with `--format dpo`).", "",
+           md_table(["id", "instruction", "input", "chosen (model)", "rejected (model, flaw)", "agreement"],
+                  [[p["id"], _clip(p["instruction"]), _clip(p["input"]), f"{_clip(p['chosen'])} ({p['chosen_model']})",
+                    f"{_clip(p['rejected'])} ({p['rejected_model']}{', ' + p['rejected_flaw'] if p['rejected_flaw'] else ''})",
+                    f"{p['scores']['chosen_agreement']:.2f} vs {p['scores']['rejected_agreement']:.2f}"]
+                   for p in pairs[:sample]]), ""]
     text = "\n".join(md)
     (out / "report.md").write_text(text, encoding="utf-8")
     (out / "report.html").write_text(html_page(text, out), encoding="utf-8")

@@ -166,7 +166,16 @@ def setup_changes(old: dict, new: dict, names: list[str]) -> list[str]:
             if isinstance(rec, dict) and rec.get("hub_repo") and rec.get("commit") is None \
                     and isinstance(new["weights"].get(role), dict):
                 new["weights"][role] = {k: v for k, v in new["weights"][role].items() if k not in _RESOLVED or k in rec}
+    if isinstance(old.get("config"), dict) and isinstance(new.get("config"), dict):
+        new["config"] = _known(old["config"], new["config"])
     return diff(old, new)
+
+
+def _known(old: dict, new: dict) -> dict:
+    """`new` without the settings the run's version did not have yet (a newer version's setting,
+    such as [ensemble.pairs], has a default that does what the older version did)."""
+    return {k: _known(old[k], v) if isinstance(v, dict) and isinstance(old[k], dict) else v
+            for k, v in new.items() if k in old}
 
 
 def diff(old, new, prefix="") -> list[str]:

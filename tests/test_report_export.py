@@ -19,7 +19,7 @@ def funnel_by_hand(run):
     report.funnel, which wrote the report), each count checked against the next stage's file."""
     load = lambda name: read_jsonl(run / name)  # noqa: E731
     fmt = lambda c: ", ".join(f"{k}: {v}" for k, v in sorted(c.items())) or "-"  # noqa: E731
-    kept = load("dataset.jsonl")
+    kept, pairs = load("dataset.jsonl"), load("pairs.jsonl")
     table = {}
     for t in "AB":
         requests, instances, ens = load(f"instructions_{t}.jsonl"), load(f"instances_{t}.jsonl"), load(f"ensemble_{t}.jsonl")
@@ -35,11 +35,12 @@ def funnel_by_hand(run):
         column = [len(requests), len(items), fmt(Counter(it["reason"] for it in items if it not in accepted)),
                   len(accepted), len(instances), fmt(Counter(r["reason"] for r in instances if r["reason"])),
                   len(usable), fmt(Counter(r["rule"] for r in ens)), len(kept_t),
-                  fmt(Counter(r["source"] for r in kept_t))]
+                  fmt(Counter(r["source"] for r in kept_t)), sum(p["type"] == t for p in pairs)]
+        assert {p["id"] for p in pairs if p["type"] == t} <= {r["id"] for r in usable}
         table[t] = [str(v) for v in column]
     labels = ["generation requests", "raw instructions", "rejected (reason: count)", "accepted instructions",
               "instances generated", "instances dropped (reason: count)", "usable instances",
-              "ensemble rule (rule: count)", "kept", "kept output from"]
+              "ensemble rule (rule: count)", "kept", "kept output from", "preference pairs"]
     return {label: [a, b] for label, a, b in zip(labels, table["A"], table["B"])}
 
 
@@ -61,7 +62,7 @@ def test_report(reference_run):
     table = table[:table.index("")]
     assert {row.split(" | ")[0][2:]: row[2:-2].split(" | ")[1:] for row in table} == funnel_by_hand(reference_run)
     for section in ("## Funnel", "## Cost per stage", "## Plots", "## Most frequent leading words",
-                    "## Sample of kept examples", "## Sample of dropped examples"):
+                    "## Sample of kept examples", "## Sample of dropped examples", "## Sample of preference pairs"):
         assert section in md
     assert "smollm2-135m-hf-nf4" in md and "tokens/s" in md
     html = (out / "report.html").read_text()
@@ -92,7 +93,7 @@ def test_exports_round_trip(reference_run, tmp_path):
     import datasets
     assert cli("export", reference_run, "-f", "hf", "-o", tmp_path / "hf").returncode == 0
     d = datasets.load_from_disk(str(tmp_path / "hf"))
-    assert list(zip(d["instruction"], d["input"], d["output"])) == expect
+    assert list(zip(d["train"]["instruction"], d["train"]["input"], d["train"]["output"])) == expect
 
 
 def test_export_errors(tmp_path):
