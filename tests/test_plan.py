@@ -286,3 +286,24 @@ def test_without_pynvml_the_free_memory_comes_from_nvidia_smi(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[0] == str(20480.0 * 2**20) and "RTX 4090" in r.stdout and "20.0 GB free" in r.stdout
+
+
+@pytest.mark.parametrize("name", ["olmo-2-13b-instruct-nf4", "qwen2.5-32b-instruct-q4_k_m",
+                                  pytest.param("smollm2-135m", marks=pytest.mark.models)])  # its header: gguf
+def test_models_and_plan_answer_how_much_memory_with_one_computation(name):
+    """`models` shows a card's worst case (parallel x context, what `models check` holds) and `plan`
+    each stage's: the same computation, asked about different needs. The worst case through the
+    plan equals the `models` figure to the byte, and each view says which case it shows."""
+    from ensemble_instruct.plan.needs import Need
+
+    card, path = load_card(name)
+    if card.backend == "llama_cpp" and card.parallel == "auto":
+        card = card.model_copy(update={"parallel": 1})  # what `models` shows for "auto"
+    m = P.check_memory(card, path)
+    p = P.plan_model(card, path, "check", None, P.Budget(None, 1e15, "test"), needs=[Need("check", card.context, 0)],
+                     parallel=card.parallel if card.backend == "llama_cpp" else None)
+    assert [r.host_total + sum(r.gpu.values()) for r in p.rows] == [m.host_total + sum(m.gpu.values())]
+    listing = cli("models").stdout
+    assert f"{(m.host_total + sum(m.gpu.values())) / P.GIB:.2f}" in next(x for x in listing.splitlines() if x.startswith(name))
+    assert "its worst case; a stage needs less: python run.py plan" in listing
+    assert "Rows are each stage's worst case" in cli("plan", "-c", "consumer-24gb", "--vram", "24").stdout
