@@ -230,21 +230,37 @@ def evaluate(
 
 @app.command()
 def finetune(
-    run_dir: Path = typer.Argument(..., help="A finished run directory (its dataset.jsonl is the training data)."),
+    run_dir: Path = typer.Argument(..., help="A finished run directory (its dataset.jsonl is the training data; "
+                                   "its pairs.jsonl for --method dpo)."),
     base: str = typer.Option(..., "--base", help="Card of the model to tune (transformers, or a GGUF card)."),
     out: Path = typer.Option(..., "--out", help="Folder for the adapter, merged weights, card.toml, logs. "
                              "An unfinished one is resumed."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="A config with a [finetune] section "
                                           "(default: the section's defaults, for a 24 GB GPU; CPU: -c finetune-cpu)."),
+    method: str = typer.Option("sft", "--method", help="sft: LoRA on the kept examples | dpo: DPO (TRL) with "
+                               "LoRA on the run's preference pairs ([finetune.dpo] settings)."),
+    sft: Optional[Path] = typer.Option(None, "--sft", help="With --method dpo: the --out folder of a finished SFT "
+                                       "finetune of the same run and base; DPO starts from its merged model."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N optimizer steps."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Adapter initialisation and data order."),
 ):
-    """LoRA (QLoRA on a CUDA GPU) on a run's kept examples; writes OUT/card.toml for the tuned model."""
+    """LoRA (QLoRA on a CUDA GPU) on a run's kept examples, or DPO on its preference pairs; writes
+    OUT/card.toml for the tuned model."""
     from .config import Config, find_config, load_config
-    from .finetune import finetune as train
 
+    if method not in ("sft", "dpo"):
+        raise UserError(f"unknown --method {method!r} (sft or dpo)")
+    if sft is not None and method != "dpo":
+        raise UserError("--sft goes with --method dpo (DPO on top of that SFT fine-tune)")
     cfg = load_config(find_config(config)) if config is not None else Config(generator="-", extra=["-", "-"])
-    card = train(run_dir, base, out, cfg.finetune, cfg.path(cfg.templates_dir), max_steps, seed)
+    if method == "dpo":
+        from .dpo import dpo
+
+        card = dpo(run_dir, base, out, cfg.finetune, cfg.path(cfg.templates_dir), sft, max_steps, seed)
+    else:
+        from .finetune import finetune as train
+
+        card = train(run_dir, base, out, cfg.finetune, cfg.path(cfg.templates_dir), max_steps, seed)
     typer.echo(f"tuned model: {card} (python run.py evaluate --models {base} {card} --tasks user-oriented)")
 
 

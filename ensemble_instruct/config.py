@@ -183,6 +183,15 @@ class EnsembleCfg(Strict):
     pairs: PairsCfg = PairsCfg()
 
 
+class DpoCfg(Strict):
+    """[finetune.dpo]: `finetune --method dpo` (TRL's DPOTrainer); LoRA, batch, length and checkpoint
+    settings come from [finetune]."""
+    beta: float = Field(0.1, gt=0)  # how far from the reference (the start model) DPO may move
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    learning_rate: float = Field(0, ge=0)  # 0: a tenth of [finetune] learning_rate
+    epochs: int = Field(0, ge=0)  # 0: [finetune] epochs (max_steps caps both)
+
+
 class FinetuneCfg(Strict):
     """`run.py finetune`: LoRA (QLoRA on a CUDA GPU) on a run's kept examples. The defaults suit a
     7-13B base on a 24 GB card; configs/finetune-cpu.toml suits the tiny models on a CPU."""
@@ -201,6 +210,7 @@ class FinetuneCfg(Strict):
     save_every: int = Field(25, ge=1)  # optimizer steps between checkpoints (a killed run resumes there)
     qlora: bool = True  # on a CUDA GPU: the base in bitsandbytes 4-bit nf4; on a CPU always plain LoRA
     seed: int = 0
+    dpo: DpoCfg = DpoCfg()
 
 
 class Config(Strict):

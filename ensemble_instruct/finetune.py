@@ -240,7 +240,8 @@ def finetune(run_dir: Path, base: str, out: Path, cfg: FinetuneCfg, templates_di
         raise UserError(f"{run_dir}: every kept example is close to an evaluation task: nothing left to train on")
 
     identity = {"run": str(run_dir.resolve()), "dataset_sha256": data_sha, "base_card": card.model_dump(mode="json"),
-                "base_weights": weights.record(card, card_path), "settings": cfg.model_dump(mode="json"), "seed": seed}
+                "base_weights": weights.record(card, card_path),
+                "settings": cfg.model_dump(mode="json", exclude={"dpo"}), "seed": seed}  # dpo: --method dpo's
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
