@@ -47,7 +47,8 @@ test: setup
 generate: setup
 	$(PY) run.py generate --config $(CONFIG) $(if $(OUT),--out $(OUT))
 
-# The paper's loop: generate, fine-tune BASE on the kept examples, evaluate base and tuned on every
+# The paper's loop: generate, fine-tune BASE on the kept examples, then DPO on the run's preference
+# pairs on top of that SFT, evaluate base, SFT and SFT + DPO on every
 # held-out task set present (user-oriented; superni once scripts/superni_sample.py has built it),
 # then OUT/reproduce.md. On a CPU the default is the tiny preset with its [finetune] CPU settings;
 # e.g. make reproduce CONFIG=configs/consumer-24gb.toml BASE=quantized/qwen2.5-7b-instruct-nf4.toml GPU=1
@@ -57,8 +58,11 @@ REPRO_OUT := $(if $(OUT),$(OUT),runs/reproduce)
 reproduce: setup
 	$(PY) run.py generate --config $(REPRO_CONFIG) --out $(REPRO_OUT)/run
 	$(PY) run.py finetune $(REPRO_OUT)/run --base $(BASE) --out $(REPRO_OUT)/tuned -c $(REPRO_CONFIG)
+	$(PY) run.py finetune $(REPRO_OUT)/run --method dpo --sft $(REPRO_OUT)/tuned --base $(BASE) \
+	  --out $(REPRO_OUT)/dpo -c $(REPRO_CONFIG)
 	for t in $$($(PY) -c "from ensemble_instruct.tasksets import available; print(*available())"); do \
-	  $(PY) run.py evaluate --models $(BASE) $(REPRO_OUT)/tuned/card.toml --tasks $$t -c $(REPRO_CONFIG) \
+	  $(PY) run.py evaluate --models $(BASE) $(REPRO_OUT)/tuned/card.toml $(REPRO_OUT)/dpo/card.toml \
+	    --tasks $$t -c $(REPRO_CONFIG) \
 	    $(if $(LIMIT),--limit $(LIMIT)) --out $(REPRO_OUT)/eval-$$t || exit 1; done
 	$(PY) scripts/reproduce_table.py $(REPRO_OUT)
 

@@ -1,11 +1,14 @@
 """The paper's table for `make reproduce`: model, training data, ROUGE-L per held-out task set.
 
-    python scripts/reproduce_table.py OUT    # reads OUT/tuned/manifest.json and OUT/eval-*/metrics.json
+    python scripts/reproduce_table.py OUT    # reads OUT/tuned/manifest.json, OUT/dpo/manifest.json (if
+                                             # any) and OUT/eval-*/metrics.json
 
 writes OUT/reproduce.md and prints it. Both of the paper's task sets always get a column: a set that
 was not evaluated here (SuperNI, until scripts/superni_sample.py has built its sample) says so in its
 cells and in a note under the table, never a number. Under the table, per task set: tuned minus base,
 task by task (mean, a 95% paired bootstrap interval, how many tasks got better / worse / stayed equal).
+With OUT/dpo (DPO on the run's preference pairs on top of the SFT, the third model evaluated), an
+"SFT + DPO" row, and the same interval for SFT + DPO minus base and SFT + DPO minus SFT.
 """
 from __future__ import annotations
 
@@ -65,7 +68,12 @@ def table(out: Path) -> str:
             f"close to an evaluation task), {tuned['steps']} steps")
     head = ["model", "training data",
             *(f"{s} ROUGE-L ({metrics[s]['rows']} tasks)" if s in metrics else f"{s} ROUGE-L" for s in sets)]
-    rows = [[m, data if k else "- (base)",
+    dpo = _read(out / "dpo" / "manifest.json") if (out / "dpo" / "manifest.json").is_file() else None
+    kinds = ["- (base)", data] + [data] * (len(models) - 2)
+    if dpo is not None and len(models) >= 3:
+        kinds[2] = (f"SFT + DPO: {dpo['pairs']} preference pairs ({dpo['decontamination']['dropped']} dropped), "
+                    f"{dpo['steps']} steps, beta {dpo.get('beta', '?')}")
+    rows = [[m, kinds[k],
              *(f"{metrics[s]['models'][m]['rouge_l']:.3f}" if s in metrics else "not evaluated" for s in sets)]
             for k, m in enumerate(models)]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
@@ -77,16 +85,20 @@ def table(out: Path) -> str:
         if len(models) < 2 or not (out / f"eval-{s}" / "rows.jsonl").is_file():
             continue
         rows_s = [json.loads(x) for x in (out / f"eval-{s}" / "rows.jsonl").read_text(encoding="utf-8").splitlines()]
-        p = paired(rows_s, models[0], models[1])
-        notes.append(f"{s}, {models[1]} minus {models[0]} task by task: mean {p['mean']:+.3f}, 95% bootstrap "
-                     f"interval [{p['low']:+.3f}, {p['high']:+.3f}] ({RESAMPLES} resamples of the {p['tasks']} "
-                     f"tasks); better on {p['better']}, worse on {p['worse']}, equal on {p['equal']}.")
+        pairs = [(models[1], models[0])] + ([(models[2], models[0]), (models[2], models[1])]
+                                            if dpo is not None and len(models) >= 3 else [])
+        for tuned_m, base_m in pairs:
+            p = paired(rows_s, base_m, tuned_m)
+            notes.append(f"{s}, {tuned_m} minus {base_m} task by task: mean {p['mean']:+.3f}, 95% bootstrap "
+                         f"interval [{p['low']:+.3f}, {p['high']:+.3f}] ({RESAMPLES} resamples of the {p['tasks']} "
+                         f"tasks); better on {p['better']}, worse on {p['worse']}, equal on {p['equal']}.")
     exact = "; ".join(f"{s}: " + ", ".join(f"{m} {100 * metrics[s]['models'][m]['exact']:.1f}%" for m in models)
                       for s in sets if s in metrics)
     return ("# Base vs tuned on held-out tasks\n\n" + "\n".join(lines) + "\n\n" + "".join(f"- {n}\n" for n in notes)
             + f"- Exact match: {exact}.\n"
             + f"\nFine-tuning: {tuned.get('train_s', '?')} s of training on {tuned.get('device', '?')} "
-              f"({tuned.get('method', '?')}).\n")
+              f"({tuned.get('method', '?')})"
+            + (f"; DPO: {dpo.get('train_s', '?')} s ({dpo.get('method', '?')})" if dpo is not None else "") + ".\n")
 
 
 if __name__ == "__main__":
