@@ -346,6 +346,7 @@ def check_rerun_identical(c: Ctx) -> dict:
     runs, times = [], []
     for i in (1, 2):
         out = c.work / f"rerun-{i}"
+        shutil.rmtree(out, ignore_errors=True)  # a second `check` in the same WORK starts afresh
         r = c.cli("generate", "-c", cfg, "--out", out)
         if r["rc"] != 0:
             raise CheckFailed(f"generate #{i}: exit {r['rc']}: {tail(r['err'])}")
@@ -356,7 +357,8 @@ def check_rerun_identical(c: Ctx) -> dict:
     differ = sorted(k for k in set(runs[0]) | set(runs[1]) if runs[0].get(k) != runs[1].get(k))
     lines = sum(v.count(b"\n") for v in runs[0].values())
     auto = manifest.get("auto") or {}
-    on_gpu = (auto.get("generator") or {}).get("gpu_layers") not in (0, None)  # the plan put layers on the GPU
+    gen = auto.get("generator") or {}  # what the plan picked: planned for the GPU, with layers on it
+    on_gpu = str(gen.get("budget", "")).startswith("GPU") and gen.get("gpu_layers") not in (0, None)
     return {"ok": same and lines > 0 and (on_gpu or not c.gpu), "files": len(runs[0]), "lines": lines,
             "differ": differ, "run_s": times,
             "auto": manifest.get("auto"), "completion_tokens": _manifest_tokens(manifest)}
@@ -428,6 +430,8 @@ def check_qlora(c: Ctx) -> dict:
                    'max_tokens = 12\n\n[finetune]\nrank = 8\nalpha = 16\ndropout = 0.0\nlearning_rate = 1e-2\n'
                    'batch_size = 8\ngrad_accum = 1\nmax_length = 64\nwarmup_ratio = 0.0\nsave_every = 100\n')
     out = c.work / "ft-out"
+    for d in (out, c.work / "ft-eval"):  # a finished finetune or evaluation would only be read back
+        shutil.rmtree(d, ignore_errors=True)
     steps = 6
     r = c.cli("finetune", run, "--base", c.work / "cards" / "tiny-hf.toml", "--out", out, "-c", cfg,
               "--max-steps", steps, "--seed", 1)
