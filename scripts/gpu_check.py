@@ -482,6 +482,13 @@ def device_info(gpu: bool) -> dict:
         d["cpu"] = next(x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    from importlib import metadata
+
+    for pkg in ("transformers", "peft", "accelerate", "bitsandbytes", "numpy"):
+        try:
+            d[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            d[pkg] = None
     if gpu:
         d.update(gpu=nvidia_smi("name"), driver=nvidia_smi("driver_version"), compute_cap=nvidia_smi("compute_cap"),
                  vram_mib=nvidia_smi("memory.total"))

