@@ -81,10 +81,15 @@ class LlamaCppBackend(Backend):
         if not self.model:  # a broken file, or no room for the layers sent to the GPU
             raise UserError(f"{path}: llama.cpp could not load the model (if the GPU is full: "
                             f"fewer gpu_layers than {card.gpu_layers} on the card)")
-        self.threads, self.ctx, self.batch, self.layout, self.n_ctx, self.n_seq = threads, None, None, None, 0, 0
+        self.threads = threads
+        # the KV cache, made by _reserve when the first window says how much it needs
+        self.ctx = self.batch = self.mem = self.layout = None
+        self.n_ctx = self.n_seq = 0
+        self.prefix_seq = self.parallel  # the sequence that holds the cached prefix
+        self.prefix_tokens: list[int] = []  # what the prefix sequence holds
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
-        self.eog = None  # end-of-generation token ids, listed when a benchmark first bans them
+        self._eog: list[int] | None = None  # end-of-generation token ids, listed when a benchmark first bans them
         self.add_bos = llama_cpp.llama_vocab_get_add_bos(self.vocab)
         self._piece = ctypes.create_string_buffer(PIECE_BYTES)
         self._chat_template = llama_cpp.llama_model_chat_template(self.model, None) if card.prompt_format == "chat" else None
@@ -120,7 +125,6 @@ class LlamaCppBackend(Backend):
             L.llama_free(self.ctx)
             self.ctx = self.batch = None
         self.layout, self.n_seq, self.n_ctx = layout, n_seq, 0
-        self.prefix_seq = self.parallel  # the sequence that holds the cached prefix
         cp = L.llama_context_default_params()
         cp.n_ctx = cells  # split: n_seq streams of cells / n_seq each
         cp.n_batch, cp.n_ubatch = N_BATCH, N_UBATCH
@@ -138,7 +142,7 @@ class LlamaCppBackend(Backend):
         self.n_ctx = cells
         self.mem = L.llama_get_memory(self.ctx)
         self.batch = L.llama_batch_init(N_BATCH, 0, 1)
-        self.prefix_tokens: list[int] = []  # what the prefix sequence holds
+        self.prefix_tokens = []  # a new context holds no prefix
 
     # ------------------------------------------------------------ text <-> tokens
 
@@ -227,12 +231,7 @@ class LlamaCppBackend(Backend):
         with top-k, the k best (ties: the lower token id first) go to llama.cpp's own chain sorted,
         where its top-k is then a no-op and top-p, temperature and the seeded draw run as usual."""
         L = self.L
-        logits = np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, k), shape=(self.n_vocab,))
-        if params.ignore_eos:  # benchmarks: every sequence runs to max_tokens
-            if self.eog is None:
-                self.eog = [t for t in range(self.n_vocab) if L.llama_vocab_is_eog(self.vocab, t)]
-            logits = logits.copy()
-            logits[self.eog] = -np.inf
+        logits = self._logits(k, params.ignore_eos)
         if slot.sampler is None:
             return int(logits.argmax())
         top = 0 < params.top_k < len(logits)
@@ -248,6 +247,18 @@ class LlamaCppBackend(Backend):
         token = cur.data[cur.selected].id
         L.llama_sampler_accept(slot.sampler, token)
         return token
+
+    def _logits(self, k: int, ban_eog: bool) -> np.ndarray:
+        """Output row k of the last call, read in place; `ban_eog` (benchmarks, so that every
+        sequence runs to max_tokens): a copy in which no end-of-generation token can win."""
+        row = np.ctypeslib.as_array(self.L.llama_get_logits_ith(self.ctx, k), shape=(self.n_vocab,))
+        if not ban_eog:
+            return row
+        if self._eog is None:
+            self._eog = [t for t in range(self.n_vocab) if self.L.llama_vocab_is_eog(self.vocab, t)]
+        row = row.copy()
+        row[self._eog] = -np.inf
+        return row
 
     def _common_prefix(self, prefix: str | None, prompts: list[list[int]]) -> list[int]:
         """The common *token* prefix of `prefix` and every prompt: what the prefix sequence will
