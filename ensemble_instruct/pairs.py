@@ -16,7 +16,7 @@ rule changes four things, each measured in docs/pairs.md (bench/bench_pairs.py):
    ROUGE-L F1 between two texts of very different length is low whatever they say, so a low
    agreement for a long answer is weak evidence that it is wrong; it is often the one complete
    answer beside terse ones. (A much *shorter* outlier is kept: it is usually incomplete.)
-4. A relative margin beside a smaller absolute one: rejected's agreement at most 0.8 x chosen's,
+4. A relative test beside a smaller margin beside a smaller absolute one: rejected's agreement at most 0.8 x chosen's,
    and below it by more than 0.05 (the naive rule: 0.1). How much models agree depends on the
    task (one right answer, or many) and on the models (stronger ones agree more); a ratio reads
    0.15 vs 0.05 as the strong signal it is and 0.85 vs 0.75 as the weak one, where a fixed
@@ -61,9 +61,6 @@ class PairSettings:
             raise ValueError(f"max_agreement_ratio {self.max_agreement_ratio}: must be in (0, 1]")
         if not 0 <= self.min_support <= 1:
             raise ValueError(f"min_support {self.min_support}: must be in [0, 1]")
-
-
-NAIVE = "naive"  # the baseline: max/min mean agreement over all candidates, margin 0.1
 
 
 @dataclass
