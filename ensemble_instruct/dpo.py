@@ -146,32 +146,18 @@ def dpo(run_dir: Path, base: str, out: Path, cfg: FinetuneCfg, templates_dir: Pa
     identity = {"objective": "dpo", "run": str(run_dir.resolve()), "pairs_sha256": pairs_sha,
                 "base_card": card.model_dump(mode="json"), "base_weights": weights.record(card, card_path),
                 "sft": start, "settings": cfg.model_dump(mode="json"), "seed": seed}
-    out.mkdir(parents=True, exist_ok=True)
-    manifest_path = out / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    if manifest and any(manifest.get(k) != v for k, v in identity.items()):
-        changed = [k for k, v in identity.items() if manifest.get(k) != v]
-        raise UserError(f"{out} holds another fine-tune ({', '.join(changed)} differ); use a new --out")
-    if manifest.get("finished") and (out / "card.toml").is_file():
-        print(f"{out}: already finished")
+    manifest = sft.open_out(out, identity, _versions(), decontamination=contamination, pairs=len(pairs))
+    if manifest is None:
         return out / "card.toml"
-    manifest.update(identity, decontamination=contamination, pairs=len(pairs), versions=_versions(),
-                    started=manifest.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    write_json(manifest_path, manifest)
     t0 = time.perf_counter()
     train(card, folder, pairs, out, cfg, seed, templates_dir or ROOT / "templates", manifest)
     manifest["train_s"] = round(manifest.get("train_s", 0) + time.perf_counter() - t0, 1)
-    write_json(manifest_path, manifest)
+    write_json(out / "manifest.json", manifest)
     sft.merge(card, folder, "causal", out, cfg)
-    path = sft.write_card(out, card, sft.card_name(out))
-    text = path.read_text(encoding="utf-8").replace("a LoRA adapter trained on a run's kept examples",
-                                                    "a DPO LoRA adapter trained on a run's preference pairs"
-                                                    + (" (on top of its SFT)" if start else ""), 1)
-    path.write_text(text.replace("fine-tuned with LoRA (merged)", "+ SFT + DPO (LoRA, merged)" if start
-                                 else "fine-tuned with DPO (LoRA, merged)", 1), encoding="utf-8")
-    manifest.update(finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), card=str(path))
-    write_json(manifest_path, manifest)
-    shutil.rmtree(out / TRAINER, ignore_errors=True)
+    path = sft.write_card(out, card, sft.card_name(out),
+                          "a DPO LoRA adapter trained on a run's preference pairs" + (" (on top of its SFT)" if start else ""),
+                          "+ SFT + DPO (LoRA, merged)" if start else "fine-tuned with DPO (LoRA, merged)")
+    sft.finish_out(out, manifest, path, out / TRAINER)
     return path
 
 

@@ -182,14 +182,15 @@ def _load_checkpoint(torch, out: Path):
 
 # ---------------------------------------------------------------- the tuned model's card
 
-def write_card(out: Path, base: ModelCard, name: str) -> Path:
+def write_card(out: Path, base: ModelCard, name: str, trained: str = "a LoRA adapter trained on a run's kept examples",
+               how: str = "fine-tuned with LoRA (merged)") -> Path:
     """A transformers card for DIR/merged with the base's prompt settings, so `evaluate` prompts the
     tuned model as it was trained. Relative source path: DIR can be moved."""
     hf = base.backend == "transformers"
     q = lambda v: json.dumps(v, ensure_ascii=False)  # a JSON string is a valid TOML basic string
-    lines = [f"# Written by `run.py finetune`: {base.name} + a LoRA adapter trained on a run's kept examples.",
+    lines = [f"# Written by `run.py finetune`: {base.name} + {trained}.",
              f"name = {q(name)}", 'backend = "transformers"',
-             f"description = {q(f'{base.name} fine-tuned with LoRA (merged)')}",
+             f"description = {q(f'{base.name} {how}')}",
              f"quantization = {q(base.quantization if hf else 'none')}", f"dtype = {q(base.dtype if hf else 'auto')}",
              f"context = {base.context}", f"prompt_format = {q(base.prompt_format)}",
              f"batch_size = {base.batch_size if hf else 4}",
@@ -201,6 +202,30 @@ def write_card(out: Path, base: ModelCard, name: str) -> Path:
     lines += ["", "[source]", 'path = "merged"', ""]
     (out / "card.toml").write_text("\n".join(lines), encoding="utf-8")
     return out / "card.toml"
+
+
+def open_out(out: Path, identity: dict, versions: dict, **facts) -> dict | None:
+    """The fine-tune folder's manifest, started or resumed: None when this fine-tune is finished
+    already; refused when the folder holds another one (any `identity` key differs)."""
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").is_file() else {}
+    changed = [k for k, v in identity.items() if manifest.get(k) != v] if manifest else []
+    if changed:
+        raise UserError(f"{out} holds another fine-tune ({', '.join(changed)} differ); use a new --out")
+    if manifest.get("finished") and (out / "card.toml").is_file():
+        print(f"{out}: already finished")
+        return None
+    manifest.update(identity, **facts, versions=versions,
+                    started=manifest.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def finish_out(out: Path, manifest: dict, card: Path, scratch: Path) -> None:
+    """Record the finished fine-tune and its card, then drop the checkpoints (`scratch`)."""
+    manifest.update(finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), card=str(card))
+    write_json(out / "manifest.json", manifest)
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 def card_name(out: Path) -> str:
@@ -242,27 +267,16 @@ def finetune(run_dir: Path, base: str, out: Path, cfg: FinetuneCfg, templates_di
     identity = {"run": str(run_dir.resolve()), "dataset_sha256": data_sha, "base_card": card.model_dump(mode="json"),
                 "base_weights": weights.record(card, card_path),
                 "settings": cfg.model_dump(mode="json", exclude={"dpo"}), "seed": seed}  # dpo: --method dpo's
-    out.mkdir(parents=True, exist_ok=True)
-    manifest_path = out / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    if manifest and any(manifest.get(k) != v for k, v in identity.items()):
-        changed = [k for k, v in identity.items() if manifest.get(k) != v]
-        raise UserError(f"{out} holds another fine-tune ({', '.join(changed)} differ); use a new --out")
-    if manifest.get("finished") and (out / "card.toml").is_file():
-        print(f"{out}: already finished")
+    manifest = open_out(out, identity, _versions(), decontamination=contamination, examples=len(examples))
+    if manifest is None:
         return out / "card.toml"
-    manifest.update(identity, decontamination=contamination, examples=len(examples), versions=_versions(),
-                    started=manifest.get("started") or time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    write_json(manifest_path, manifest)
     t0 = time.perf_counter()
     train(card, folder, kind, examples, out, cfg, seed, templates_dir or ROOT / "templates", manifest)
     manifest["train_s"] = round(manifest.get("train_s", 0) + time.perf_counter() - t0, 1)
-    write_json(manifest_path, manifest)
+    write_json(out / "manifest.json", manifest)
     merge(card, folder, kind, out, cfg)
     path = write_card(out, card, card_name(out))
-    manifest.update(finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), card=str(path))
-    write_json(manifest_path, manifest)
-    shutil.rmtree(out / "checkpoint", ignore_errors=True)
+    finish_out(out, manifest, path, out / "checkpoint")
     return path
 
 
