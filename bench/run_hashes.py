@@ -37,10 +37,17 @@ def main() -> int:
         print(text, end="")
         return 0
     recorded = {name: h for h, name in (line.split("  ", 1) for line in a.check.read_text().splitlines())}
-    bad = sorted(n for n in recorded.keys() | now.keys() if recorded.get(n) != now.get(n))
-    for name in bad:
-        print(f"differs: {name} (recorded {recorded.get(name, '-')[:12]}, now {now.get(name, '-')[:12]})")
-    print(f"{len(recorded) - len(bad)} of {len(recorded)} files identical" + ("" if bad else ": same bytes"))
+    changed = sorted(n for n in recorded if n in now and recorded[n] != now[n])
+    missing, new = sorted(recorded.keys() - now.keys()), sorted(now.keys() - recorded.keys())
+    for name in changed:
+        print(f"differs: {name} (recorded {recorded[name][:12]}, now {now[name][:12]})")
+    for name in missing:
+        print(f"missing: {name} (recorded {recorded[name][:12]})")
+    for name in new:
+        print(f"new: {name} (not recorded; now {now[name][:12]})")
+    same = len(recorded) - len(changed) - len(missing)
+    bad = changed + missing + new
+    print(f"{same} of {len(recorded)} recorded files identical" + ("" if bad else ": same bytes"))
     return 1 if bad else 0
 
 
