@@ -299,3 +299,14 @@ def test_a_run_from_before_weights_were_recorded_still_resumes(fake_run, monkeyp
     (fake_run / "manifest.json").write_text(json.dumps(m))
     rundir.open_run(None, fake_run)
     assert "weights" in manifest(fake_run)["fingerprint"]  # recorded from now on
+
+
+def test_a_run_from_before_a_new_setting_still_resumes(fake_run, monkeypatch):
+    """A setting added to the config since the run started ([ensemble.pairs]) has a default that does
+    what the older version did: a resume does not count it as a change."""
+    fakes.install(monkeypatch)
+    m = manifest(fake_run)
+    del m["fingerprint"]["config"]["ensemble"]["pairs"]
+    (fake_run / "manifest.json").write_text(json.dumps(m))
+    rundir.open_run(None, fake_run)
+    assert "pairs" in manifest(fake_run)["fingerprint"]["config"]["ensemble"]  # recorded from now on
