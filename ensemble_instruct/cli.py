@@ -52,11 +52,45 @@ def generate(
     force: bool = FORCE,
 ):
     """Run every stage; the same command on an existing run directory resumes it."""
-    from . import pipeline, report
+    from . import forecast as fcast, pipeline, report
 
     run = _open(config, out, force, num_instructions=num_instructions, seed=seed)
+    fc = fcast.attach(run)
+    if fc is not None:
+        print(f"forecast ({fc['created']}): {fcast.span(fc['total_seconds'])}, "
+              f"{fcast.span(fc['kept'], str)} examples kept", file=sys.stderr)
     pipeline.generate(run)
     report.print_summary(run.dir)
+
+
+@app.command()
+def forecast(
+    config: Optional[Path] = CONFIG,
+    num_instructions: Optional[int] = typer.Option(None, "--num-instructions", "-n",
+                                                   help="Accepted instructions in all (split 5:2 between A and B)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Run seed (every random choice derives from it)."),
+    pilot: Optional[int] = typer.Option(None, "--pilot", help="Instructions per type in the pilot "
+                                        "(default: a tenth of each type's target, at least 8)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the forecast as JSON."),
+):
+    """Predict a run's time, cost and yield from a short pilot of the same pipeline (cached in
+    runs/.forecast; `generate` with the same options shows it and keeps forecast vs actual)."""
+    from . import forecast as fcast
+
+    if pilot is not None and pilot < 1:
+        raise UserError(f"--pilot must be at least 1 instruction per type, not {pilot}")
+    if config is not None:
+        from .config import find_config
+
+        config = find_config(config)
+    try:
+        fc = fcast.run_pilot(config, num_instructions, seed, pilot, resume_command=_same_command())
+    except KeyboardInterrupt:
+        raise InterruptedWhileOpening("stopped before the pilot started: nothing was generated") from None
+    if as_json:
+        print(fcast.as_json(fc))
+    else:
+        fcast.print_table(fc)
 
 
 @app.command()

@@ -2,6 +2,7 @@
 turn (never two models in memory at once), then the ensemble on the CPU."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from .config import ModelCard
@@ -41,8 +42,13 @@ def run_outputs_stage(run: Run, card: ModelCard, path: Path) -> None:
 
 
 def generate(run: Run) -> None:
-    with stop_on_ctrl_c(run):
-        run_generator_stages(run)
-        for card, path in run.extras:  # one model at a time, never two
-            run_outputs_stage(run, card, path)
-        ensemble.run_stage(run)
+    t0 = time.perf_counter()
+    try:
+        with stop_on_ctrl_c(run):
+            run_generator_stages(run)
+            for card, path in run.extras:  # one model at a time, never two
+                run_outputs_stage(run, card, path)
+            ensemble.run_stage(run)
+    finally:  # every session's time, what a forecast's total predicts
+        run.manifest["wall_seconds"] = round(run.manifest.get("wall_seconds", 0.0) + time.perf_counter() - t0, 2)
+        run.save_manifest()

@@ -57,6 +57,31 @@ def print_summary(run_dir: Path) -> None:
     console.print(table)
     manifest = json.loads((Path(run_dir) / "manifest.json").read_text())
     console.print(f"dataset: {Path(run_dir) / ensemble.DATASET} ({manifest.get('dataset_size', 0)} examples)")
+    fc = manifest.get("forecast")
+    if fc and manifest.get("wall_seconds"):
+        console.print(f"forecast vs actual: {fc['total_seconds']['mid']:.0f} s ({fc['total_seconds']['low']:.0f}-"
+                      f"{fc['total_seconds']['high']:.0f}) vs {manifest['wall_seconds']:.0f} s; kept {fc['kept']['mid']} "
+                      f"({fc['kept']['low']}-{fc['kept']['high']}) vs {manifest.get('dataset_size', 0)}")
+
+
+def forecast_vs_actual(manifest: dict, kept: int) -> list[str]:
+    """The report's section comparing a run with the forecast made for its setup (if one was)."""
+    fc = manifest.get("forecast")
+    if not fc:
+        return []
+    timings = manifest.get("timings", {})
+    span = lambda d: f"{d['mid']:.0f} ({d['low']:.0f}-{d['high']:.0f})"  # noqa: E731
+    rows = [[k, span(s), timings.get(k, {}).get("seconds", "-"),
+             f"{timings[k]['seconds'] / s['mid']:.2f}" if k in timings and s["mid"] else "-"]
+            for k, s in fc["stages"].items()]
+    wall = manifest.get("wall_seconds")
+    rows.append(["**total** (every session of `generate`)", span(fc["total_seconds"]), wall if wall else "-",
+                 f"{wall / fc['total_seconds']['mid']:.2f}" if wall else "-"])
+    rows.append(["**kept examples**", span(fc["kept"]), kept, f"{kept / fc['kept']['mid']:.2f}" if fc["kept"]["mid"] else "-"])
+    return ["", "## Forecast vs actual", "",
+            f"The forecast made for this setup on {fc['created']} (`python run.py forecast`); its intervals are "
+            "5-95%. Seconds are wall time on this machine.", "",
+            md_table(["stage", "forecast s", "actual s", "actual / forecast"], rows)]
 
 
 # ---------------------------------------------------------------- the full report
@@ -212,6 +237,7 @@ def build_report(run_dir: Path, sample: int = 5) -> Path:
             for k, t in manifest.get("timings", {}).items()]
     md += [md_table(["stage", "model", "wall s", "prompt tokens", "generated tokens", "tokens/s", "hit token limit",
                    "how completions ended", "peak RSS MB"], rows)]
+    md += forecast_vs_actual(manifest, sum(f[t]["kept"] for t in TYPES))
     md += ["", "## Plots", ""] + [f"### {title}\n\n![{title}]({name})\n" for name, title in plots]
     md += ["## Most frequent leading words", "",
            md_table(["word", "instructions"], leading_verbs(data["instructions"]["A"] + data["instructions"]["B"])), ""]

@@ -58,6 +58,7 @@ class Run:
     manifest: dict
     stop_requested: bool = False
     resume_command: str = ""  # what resumes this directory after a stop; default: generate --out DIR
+    trace: list | None = None  # a forecast pilot's per-batch timings (runner.Meter), else None
 
     def resume_hint(self) -> str:
         return self.resume_command or f"python run.py generate --out {self.dir}"
@@ -289,8 +290,9 @@ def _read_manifest(out: Path) -> dict | None:
     return existing
 
 
-def _with_overrides(cfg: Config, num_instructions: int | None, seed: int | None) -> Config:
-    if seed is None and num_instructions is None:
+def _with_overrides(cfg: Config, num_instructions: int | None, seed: int | None,
+                    targets: dict[str, int] | None = None) -> Config:
+    if seed is None and num_instructions is None and targets is None:
         return cfg
     data = cfg.model_dump()
     if seed is not None:
@@ -300,24 +302,35 @@ def _with_overrides(cfg: Config, num_instructions: int | None, seed: int | None)
             raise UserError("--num-instructions must be at least 2 (one per type)")
         a = max(1, min(num_instructions - 1, round(num_instructions * 125 / 175)))
         data["instructions"]["target"] = {"A": a, "B": num_instructions - a}
+    if targets is not None:  # a forecast's pilot: fewer instructions per type
+        data["instructions"]["target"] = dict(targets)
     return Config(**data).located(cfg._dir)
 
 
+def setup(config: Path | None, existing: dict | None = None, num_instructions: int | None = None,
+          seed: int | None = None, targets: dict[str, int] | None = None):
+    """The config (with the command line's overrides) and the cards with "auto" resolved:
+    (cfg, generator, extras, auto), each model as (card, path). Opens nothing."""
+    if config is None and existing is not None:
+        cfg = Config(**existing["fingerprint"]["config"]).located(_config_dir(existing))
+    else:
+        cfg = load_config(config or ROOT / "configs" / "default.toml")
+    cfg = _with_overrides(cfg, num_instructions, seed, targets)
+    generator = load_card(cfg.path(cfg.generator))
+    extras = [load_card(cfg.path(p)) for p in cfg.extra]
+    generator, extras, auto = _resolve_auto(cfg, generator, extras, existing)
+    return cfg, generator, extras, auto
+
+
 def open_run(config: Path | None, out: Path | None, num_instructions: int | None = None,
-             seed: int | None = None, force: bool = False) -> Run:
+             seed: int | None = None, force: bool = False, targets: dict[str, int] | None = None) -> Run:
     """Load (or create) a run directory to generate into. An existing run keeps its config unless
     one is given; a config, card, weight file, template or seed file that differs from the one the
     run started with is refused unless force (then the manifest keeps what changed, and when)."""
     existing = _read_manifest(out) if out is not None else None
-    if config is None and existing is not None:
-        cfg = Config(**existing["fingerprint"]["config"]).located(_config_dir(existing))
-    else:
-        config = config or ROOT / "configs" / "default.toml"
-        cfg = load_config(config)
-    cfg = _with_overrides(cfg, num_instructions, seed)
-    generator = load_card(cfg.path(cfg.generator))
-    extras = [load_card(cfg.path(p)) for p in cfg.extra]
-    generator, extras, auto = _resolve_auto(cfg, generator, extras, existing)
+    if config is None and existing is None:
+        config = ROOT / "configs" / "default.toml"
+    cfg, generator, extras, auto = setup(config, existing, num_instructions, seed, targets)
     names = [c.name for c, _ in [generator, *extras]]
     if len(set(names[1:])) != len(names) - 1:
         raise UserError("each extra model must be a different card (names repeat)")

@@ -63,25 +63,35 @@ def loaded(run: Run, card: ModelCard, path: Path):
 
 class Meter:
     """Time, tokens and how completions ended, for one stage in this session, added to the
-    manifest's totals (also when the stage stops early or fails: the time was spent)."""
+    manifest's totals (also when the stage stops early or fails: the time was spent). With a
+    `run.trace` list (a `forecast` pilot), each batch of completions is also noted there, with its
+    time since the stage started and the backend's time on shared prefixes."""
 
-    def __init__(self, run: Run, key: str, model: str):
-        self.run, self.key, self.model = run, key, model
+    def __init__(self, run: Run, key: str, backend: Backend):
+        self.run, self.key, self.backend = run, key, backend
         self.t0, self.prompt, self.gen, self.finish = time.perf_counter(), 0, 0, Counter()
+        self.prefix0 = backend.prefix_seconds
+        self.session = time.time()
 
     def add(self, completions: list[Completion]) -> None:
         for c in completions:
             self.prompt += c.prompt_tokens
             self.gen += c.completion_tokens
             self.finish[c.finish] += 1
+        if self.run.trace is not None:
+            self.run.trace.append({"key": self.key, "session": self.session,
+                                   "t": round(time.perf_counter() - self.t0, 4),
+                                   "prompt": [c.prompt_tokens for c in completions],
+                                   "gen": [c.completion_tokens for c in completions]})
 
     def __enter__(self) -> "Meter":
         return self
 
     def __exit__(self, *exc) -> None:
-        t = self.run.manifest["timings"].setdefault(self.key, {"model": self.model, "seconds": 0.0,
+        seconds = time.perf_counter() - self.t0
+        t = self.run.manifest["timings"].setdefault(self.key, {"model": self.backend.card.name, "seconds": 0.0,
                                                                 "prompt_tokens": 0, "completion_tokens": 0})
-        t["seconds"] = round(t["seconds"] + time.perf_counter() - self.t0, 2)
+        t["seconds"] = round(t["seconds"] + seconds, 2)
         t["prompt_tokens"] += self.prompt
         t["completion_tokens"] += self.gen
         t["tokens_per_s"] = round(t["completion_tokens"] / t["seconds"], 2) if t["seconds"] else 0.0
@@ -90,6 +100,9 @@ class Meter:
         t["finish"] = dict(sorted(finish.items()))
         total = sum(finish.values())
         t["length_share"] = round(finish["length"] / total, 4) if total else 0.0
+        if self.run.trace is not None:
+            self.run.trace.append({"key": self.key, "session": self.session, "end": round(seconds, 4),
+                                   "prefix_s": round(self.backend.prefix_seconds - self.prefix0, 4)})
         self.run.save_manifest()
 
 
@@ -105,13 +118,24 @@ def eta(elapsed: float, advanced: int, remaining: int) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+def forecast_note(run: Run, key: str) -> str:
+    """The stage's forecast time, shown by its progress bar when this setup was forecast."""
+    f = run.manifest.get("forecast", {}).get("stages", {}).get(key)
+    if not f:
+        return ""
+    return f" (forecast {eta(1, 1, round(f['mid']))})"
+
+
 @contextmanager
 def progress_bar(description: str, total: int, done: int = 0):
     """A rich progress bar with elapsed time, ETA and generated tokens/s; yields advance(n, completions)."""
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    # on stderr, with the other messages: stdout carries only what a command prints as its result
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("ETA {task.fields[eta]}"), TextColumn("{task.fields[rate]}"), transient=False) as p:
+                  TextColumn("ETA {task.fields[eta]}"), TextColumn("{task.fields[rate]}"), transient=False,
+                  console=Console(stderr=True)) as p:
         task = p.add_task(description, total=total, completed=done, rate="", eta=eta(0, 0, total - done))
         start, tokens, advanced = time.perf_counter(), 0, 0
 
@@ -168,8 +192,8 @@ def run_batches(run: Run, backend: Backend, *, key: str, where: str, path: Path,
     starts = [s for s in range(0, len(todo), w) if any(it["id"] not in done for it in todo[s:s + w])]
     pending = [(i, todo[i]) for s in starts for i in range(s, min(s + w, len(todo)))]
     reqs = [request(i, it) for i, it in pending]
-    with Meter(run, key, backend.card.name) as meter, \
-            progress_bar(key.replace("_", " "), len(todo), sum(it["id"] in done for it in todo)) as advance:
+    with Meter(run, key, backend) as meter, \
+            progress_bar(key.replace("_", " ") + forecast_note(run, key), len(todo), sum(it["id"] in done for it in todo)) as advance:
         if not pending:
             return
         check_stop(run, where)

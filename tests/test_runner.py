@@ -161,14 +161,15 @@ def timings(run, key):
 
 
 def test_meter_adds_to_the_manifest_even_when_the_stage_raises(run):
+    gen = fakes.FakeBackend(run.generator[0].model_copy(update={"name": "gen"}))
     with pytest.raises(RuntimeError, match="boom"):
-        with runner.Meter(run, "stage", "gen") as m:
+        with runner.Meter(run, "stage", gen) as m:
             m.add([Completion("a", 3, 5, "stop"), Completion("b", 2, 7, "length")])
             raise RuntimeError("boom")
     t = timings(run, "stage")  # saved to disk, not only in memory
     assert (t["model"], t["prompt_tokens"], t["completion_tokens"]) == ("gen", 5, 12)
     assert t["finish"] == {"length": 1, "stop": 1} and t["length_share"] == 0.5 and t["seconds"] >= 0
-    with runner.Meter(run, "stage", "gen") as m:  # a second session adds to the first
+    with runner.Meter(run, "stage", gen) as m:  # a second session adds to the first
         m.add([Completion("c", 1, 1, "stop")])
     t = timings(run, "stage")
     assert (t["prompt_tokens"], t["completion_tokens"], t["finish"]) == (6, 13, {"length": 1, "stop": 2})

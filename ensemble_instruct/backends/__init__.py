@@ -56,6 +56,7 @@ class Backend:
     caller that keeps window boundaries fixed gets the same bytes on a rerun and on a resume."""
     card: ModelCard
     window: int
+    prefix_seconds: float = 0.0  # time spent on shared prefixes since the load (a backend that caches them)
 
     def stream(self, prompts: list[str], params: Decoding, seeds: list[int],
                prefix: str | None = None) -> Iterator[Completion]:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -87,6 +88,7 @@ class LlamaCppBackend(Backend):
         self.n_ctx = self.n_seq = 0
         self.prefix_seq = self.parallel  # the sequence that holds the cached prefix
         self.prefix_tokens: list[int] = []  # what the prefix sequence holds
+        self.prefix_seconds = 0.0  # spent evaluating shared prefixes since the load
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self._eog: list[int] | None = None  # end-of-generation token ids, listed when a benchmark first bans them
@@ -202,9 +204,11 @@ class LlamaCppBackend(Backend):
         common = _common_length(have, prefix_tokens)
         self.L.llama_memory_seq_rm(self.mem, seq, common, -1)
         self.prefix_tokens = have[:common]
+        t0 = time.perf_counter()
         for i in range(common, len(prefix_tokens), N_UBATCH):
             end = min(i + N_UBATCH, len(prefix_tokens))
             self._decode([Entry(prefix_tokens[p], p, seq, False) for p in range(i, end)])
+        self.prefix_seconds += time.perf_counter() - t0  # a fixed cost per load: `forecast` separates it
         self.prefix_tokens = list(prefix_tokens)
 
     def _sampler(self, params: Decoding, seed: int):

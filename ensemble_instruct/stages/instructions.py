@@ -11,7 +11,7 @@ from ..config import Config
 from ..errors import UserError
 from ..filters import process_completion
 from ..novelty import Pool, novelty_scores
-from ..runner import Meter, check_stop, progress_bar
+from ..runner import Meter, check_stop, forecast_note, progress_bar
 from ..rundir import Run, rng_for, seed_for
 from ..store import append_jsonl, write_jsonl
 
@@ -76,8 +76,8 @@ def run_stage(run: Run, backend: Backend, typ: str) -> None:
     seed_texts = [t.instruction for t in run.seeds[typ]]
     novelty_pool = Pool(seed_texts + pool)  # tokenized once, grows with each accepted item
     tpl, params = template(run.cfg, typ), decoding(run.cfg)
-    with Meter(run, key(typ), backend.card.name) as meter, \
-            progress_bar(f"instructions {typ}", target, min(len(pool), target)) as advance:
+    with Meter(run, key(typ), backend) as meter, \
+            progress_bar(f"instructions {typ}{forecast_note(run, key(typ))}", target, min(len(pool), target)) as advance:
         while len(pool) < target and len(recs) < max_requests:
             check_stop(run, f"instruction generation ({typ})")
             first = len(recs)
