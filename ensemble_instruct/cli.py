@@ -5,6 +5,7 @@ Only light modules are imported here; each command imports what it needs, so `--
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -26,6 +27,9 @@ CONFIG = typer.Option(None, "--config", "-c", help="Pipeline preset (default: co
                       "or the run's own config when resuming).")
 RUN_DIR = typer.Option(None, "--out", help="Run directory (default: runs/<config name>). An existing one is resumed.")
 FORCE = typer.Option(False, "--force", help="Resume even if the config or a model card changed.")
+NUM_INSTRUCTIONS = typer.Option(None, "--num-instructions", "-n",
+                                help="Accepted instructions in all (split 5:2 between A and B).")
+SEED = typer.Option(None, "--seed", help="Run seed (every random choice derives from it).")
 
 
 def _open(config, out, force, **kw):
@@ -46,9 +50,8 @@ def _open(config, out, force, **kw):
 def generate(
     config: Optional[Path] = CONFIG,
     out: Optional[Path] = RUN_DIR,
-    num_instructions: Optional[int] = typer.Option(None, "--num-instructions", "-n",
-                                                   help="Accepted instructions in all (split 5:2 between A and B)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Run seed (every random choice derives from it)."),
+    num_instructions: Optional[int] = NUM_INSTRUCTIONS,
+    seed: Optional[int] = SEED,
     force: bool = FORCE,
 ):
     """Run every stage; the same command on an existing run directory resumes it."""
@@ -66,11 +69,10 @@ def generate(
 @app.command()
 def forecast(
     config: Optional[Path] = CONFIG,
-    num_instructions: Optional[int] = typer.Option(None, "--num-instructions", "-n",
-                                                   help="Accepted instructions in all (split 5:2 between A and B)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Run seed (every random choice derives from it)."),
+    num_instructions: Optional[int] = NUM_INSTRUCTIONS,
+    seed: Optional[int] = SEED,
     pilot: Optional[int] = typer.Option(None, "--pilot", help="Instructions per type in the pilot "
-                                        "(default: a tenth of each type's target, at least 8)."),
+                                        "(default: a tenth of each type's target, at least 4)."),
     as_json: bool = typer.Option(False, "--json", help="Print the forecast as JSON."),
 ):
     """Predict a run's time, cost and yield from a short pilot of the same pipeline (cached in
@@ -83,8 +85,9 @@ def forecast(
         from .config import find_config
 
         config = find_config(config)
-    try:
-        fc = fcast.run_pilot(config, num_instructions, seed, pilot, resume_command=_same_command())
+    try:  # with --json, stdout carries the JSON alone: the pilot's progress goes to stderr
+        with contextlib.redirect_stdout(sys.stderr if as_json else sys.stdout):
+            fc = fcast.run_pilot(config, num_instructions, seed, pilot, resume_command=_same_command())
     except KeyboardInterrupt:
         raise InterruptedWhileOpening("stopped before the pilot started: nothing was generated") from None
     if as_json:

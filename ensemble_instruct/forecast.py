@@ -35,7 +35,7 @@ from .stages import ensemble, instances, instructions, outputs
 from .store import append_jsonl, read_jsonl, write_json
 
 PILOT_SHARE = 0.1  # of each type's instructions
-PILOT_MIN = 8  # instructions per type, whatever the share: a handful of requests says little
+PILOT_MIN = 4  # instructions per type, whatever the share (a small run: its pilot stays under a quarter)
 DRAWS = 2000
 MARGIN = 0.15  # the time interval's widening, each side (docs/forecast.md: measured pairs)
 TRACE = "trace.jsonl"
@@ -135,6 +135,11 @@ def _stage_trace(trace: list[dict], key: str) -> tuple[list[list[dict]], float, 
     return list(sessions.values()), seconds, prefix
 
 
+def _requests(sessions: list[list[dict]]) -> list[tuple[int, int]]:
+    """(prompt tokens, generated tokens) of every request of a stage's batches."""
+    return [(p, g) for batches in sessions for b in batches for p, g in zip(b["prompt"], b["gen"])]
+
+
 def fit_batch_time(sizes: list[int], durations: list[float], slots_: int) -> tuple[float, float]:
     """t(s) = a + c*s by least squares over the pilot's batches (a >= 0, c > 0); one size: a = 0."""
     n = len(sizes)
@@ -218,7 +223,7 @@ def predict(run: Run, trace: list[dict], targets: dict[str, int], draws: int = D
         stage_draws.append((instructions.key(typ), gen_card.name, t_instr, reqs, np.mean(prompt), np.mean(gen)))
         # ---- instances: the shared prefix once, then per request
         sessions, seconds, prefix = _stage_trace(trace, instances.key(typ))
-        inst_reqs = [(p, g) for batches in sessions for b in batches for p, g in zip(b["prompt"], b["gen"])]
+        inst_reqs = _requests(sessions)
         n_inst = max(1, len(inst_reqs))
         per = max(0.0, seconds - prefix * len(sessions)) / n_inst
         weights = np.array([g + 1 for _, g in inst_reqs] or [1.0])
@@ -238,11 +243,10 @@ def predict(run: Run, trace: list[dict], targets: dict[str, int], draws: int = D
         # ---- extra outputs: per usable instance
         for card, _ in run.extras:
             sessions, seconds, _ = _stage_trace(trace, outputs.key(card.name, typ))
-            reqs_o = [(p, g) for batches in sessions for b in batches for p, g in zip(b["prompt"], b["gen"])]
+            reqs_o = _requests(sessions)
             if not reqs_o:  # no usable instance of this type in the pilot: the other type's pace
-                other = [r for t in TYPES for r in trace if r.get("key") == outputs.key(card.name, t)]
-                sessions, seconds, _ = _stage_trace(other, outputs.key(card.name, "B" if typ == "A" else "A"))
-                reqs_o = [(p, g) for batches in sessions for b in batches for p, g in zip(b["prompt"], b["gen"])]
+                sessions, seconds, _ = _stage_trace(trace, outputs.key(card.name, "B" if typ == "A" else "A"))
+                reqs_o = _requests(sessions)
             if not reqs_o:
                 raise UserError(f"the pilot kept no usable instance to time {card.name} on: "
                                 "use a larger --pilot")

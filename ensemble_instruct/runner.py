@@ -129,13 +129,10 @@ def forecast_note(run: Run, key: str) -> str:
 @contextmanager
 def progress_bar(description: str, total: int, done: int = 0):
     """A rich progress bar with elapsed time, ETA and generated tokens/s; yields advance(n, completions)."""
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    # on stderr, with the other messages: stdout carries only what a command prints as its result
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("ETA {task.fields[eta]}"), TextColumn("{task.fields[rate]}"), transient=False,
-                  console=Console(stderr=True)) as p:
+                  TextColumn("ETA {task.fields[eta]}"), TextColumn("{task.fields[rate]}"), transient=False) as p:
         task = p.add_task(description, total=total, completed=done, rate="", eta=eta(0, 0, total - done))
         start, tokens, advanced = time.perf_counter(), 0, 0
 
