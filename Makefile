@@ -20,7 +20,7 @@ PIP_VERSION := 26.3
 # llama-cpp-python's own lines of the lock, built on their own: CMAKE_ARGS and, for GPU=1, no wheel cache
 LLAMA_REQ := $(VENV)/llama-cpp-python.req
 
-.PHONY: setup lock test generate reproduce bench clean vllm vllm-stop test-vllm gpu-kit
+.PHONY: setup lock test generate forecast reproduce bench clean vllm vllm-stop test-vllm gpu-kit
 setup: $(STAMP)
 
 # Every package comes from the lock, exact versions and hashes, --no-deps; torch first (the same pin
@@ -46,6 +46,10 @@ test: setup
 
 generate: setup
 	$(PY) run.py generate --config $(CONFIG) $(if $(OUT),--out $(OUT))
+
+# Before a long run: its time and kept examples from a short pilot (`make generate` then shows it)
+forecast: setup
+	$(PY) run.py forecast --config $(CONFIG)
 
 # The paper's loop: generate, fine-tune BASE on the kept examples, then DPO on the run's preference
 # pairs on top of that SFT, evaluate base, SFT and SFT + DPO on every

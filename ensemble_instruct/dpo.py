@@ -119,18 +119,11 @@ def check_sft(sft_dir: Path, run_dir: Path, card, card_path: Path) -> dict:
 def dpo(run_dir: Path, base: str, out: Path, cfg: FinetuneCfg, templates_dir: Path | None = None,
         sft_dir: Path | None = None, max_steps: int | None = None, seed: int | None = None) -> Path:
     """Train DPO, merge, write the card; returns the card's path. A rerun on a finished DIR does nothing."""
-    import importlib.util
-
-    for pkg in ("torch", "transformers", "peft", "trl"):
-        if importlib.util.find_spec(pkg) is None:
-            raise UserError(f"finetune --method dpo needs the package {pkg!r} (pip install -e '.[hf]')")
+    sft.need_packages("finetune --method dpo", ("torch", "transformers", "peft", "trl"))
     pairs, pairs_sha = load_pairs(run_dir)
     card, card_path = load_card(base)
     seed = cfg.seed if seed is None else seed
-    if max_steps is not None:
-        if max_steps < 1:
-            raise UserError(f"--max-steps must be at least 1, got {max_steps}")
-        cfg = cfg.model_copy(update={"max_steps": max_steps})
+    cfg = sft.with_max_steps(cfg, max_steps)
     start = None
     if sft_dir is not None:
         start = check_sft(sft_dir, run_dir, card, card_path)

@@ -243,21 +243,32 @@ def _progress():
                     TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[loss]}"))
 
 
+def need_packages(command: str, packages: tuple[str, ...]) -> None:
+    """Before any work: the training packages are installed (a clear error, not an ImportError)."""
+    import importlib.util
+
+    for pkg in packages:
+        if importlib.util.find_spec(pkg) is None:
+            raise UserError(f"{command} needs the package {pkg!r} (pip install -e '.[hf]')")
+
+
+def with_max_steps(cfg: FinetuneCfg, max_steps: int | None) -> FinetuneCfg:
+    """The config with --max-steps applied (None: the config's own)."""
+    if max_steps is None:
+        return cfg
+    if max_steps < 1:
+        raise UserError(f"--max-steps must be at least 1, got {max_steps}")
+    return cfg.model_copy(update={"max_steps": max_steps})
+
+
 def finetune(run_dir: Path, base: str, out: Path, cfg: FinetuneCfg, templates_dir: Path | None = None,
              max_steps: int | None = None, seed: int | None = None) -> Path:
     """Train, merge, write the card; returns the card's path. A rerun on a finished DIR does nothing."""
-    import importlib.util
-
-    for pkg in ("torch", "transformers", "peft"):
-        if importlib.util.find_spec(pkg) is None:
-            raise UserError(f"finetune needs the package {pkg!r} (pip install -e '.[hf]')")
+    need_packages("finetune", ("torch", "transformers", "peft"))
     examples, data_sha = load_examples(run_dir)
     card, card_path = load_card(base)
     seed = cfg.seed if seed is None else seed
-    if max_steps is not None:
-        if max_steps < 1:
-            raise UserError(f"--max-steps must be at least 1, got {max_steps}")
-        cfg = cfg.model_copy(update={"max_steps": max_steps})
+    cfg = with_max_steps(cfg, max_steps)
     folder = base_folder(card, card_path)
     kind = model_kind(folder)
     examples, contamination = decontaminate(examples)

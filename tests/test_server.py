@@ -1,5 +1,5 @@
 """The openai backend against a real OpenAI-compatible server: llama-cpp-python's, on 127.0.0.1."""
-import os
+import json
 import signal
 import socket
 import subprocess
@@ -162,3 +162,18 @@ def test_two_servers_one_dies_mid_stage(server, tmp_path):
     for typ in "AB":
         via = read_jsonl(run / f"outputs_smollm2-135m-server_{typ}.jsonl")
         assert via and [x["output"] for x in via] == [x["output"] for x in read_jsonl(run / f"outputs_smollm2-135m_{typ}.jsonl")]
+
+
+def test_forecast_through_a_server(server, tmp_path):
+    """`forecast` times a server backend as it is: its stage is measured and scaled like any other."""
+    cfg = write_setup(tmp_path, server.port)
+    env = {"ENSEMBLE_INSTRUCT_FORECASTS": str(tmp_path / "cache")}
+    r = cli("forecast", "-c", cfg, "--pilot", "2", "--json", env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    fc = json.loads(r.stdout)
+    by_stage = {s["stage"]: s for s in fc["stages"]}
+    assert fc["pilot_targets"] == {"A": 2, "B": 2} and fc["targets"] == {"A": 6, "B": 2}
+    for typ in "AB":
+        served = by_stage[f"outputs_smollm2-135m-server_{typ}"]
+        assert served["model"] == "smollm2-135m-server" and served["seconds"]["mid"] > 0
+    assert by_stage["instructions_A"]["requests"] >= 6
