@@ -220,7 +220,7 @@ def predict(run: Run, trace: list[dict], targets: dict[str, int], draws: int = D
             reqs += s
             t_instr += batch_time(s, a, c, slots(gen_card)) * cost
         accepted = pool
-        stage_draws.append((instructions.key(typ), gen_card.name, t_instr, reqs, np.mean(prompt), np.mean(gen)))
+        stage_draws.append((instructions.key(typ), gen_card.name, t_instr, reqs, list(zip(prompt, gen))))
         # ---- instances: the shared prefix once, then per request
         sessions, seconds, prefix = _stage_trace(trace, instances.key(typ))
         inst_reqs = _requests(sessions)
@@ -228,8 +228,7 @@ def predict(run: Run, trace: list[dict], targets: dict[str, int], draws: int = D
         per = max(0.0, seconds - prefix * len(sessions)) / n_inst
         weights = np.array([g + 1 for _, g in inst_reqs] or [1.0])
         t_inst = prefix + accepted * per * _cost_factor(rng, weights, draws)
-        stage_draws.append((instances.key(typ), gen_card.name, t_inst, accepted,
-                            np.mean([p for p, _ in inst_reqs] or [0]), np.mean([g for _, g in inst_reqs] or [0])))
+        stage_draws.append((instances.key(typ), gen_card.name, t_inst, accepted, inst_reqs))
         # ---- the funnel: usable | accepted, kept | usable
         n_acc = len(instructions.accepted(recs))
         n_use = len(instances.usable(run, typ))
@@ -253,17 +252,18 @@ def predict(run: Run, trace: list[dict], targets: dict[str, int], draws: int = D
             per = seconds / len(reqs_o)
             weights = np.array([p + g for p, g in reqs_o], dtype=float)
             t_out = usable * per * _cost_factor(rng, weights, draws)
-            stage_draws.append((outputs.key(card.name, typ), card.name, t_out, usable,
-                                np.mean([p for p, _ in reqs_o]), np.mean([g for _, g in reqs_o])))
+            stage_draws.append((outputs.key(card.name, typ), card.name, t_out, usable, reqs_o))
     # the order the run goes in: the generator's stages, then each extra model's
     order = [instructions.key(t) for t in TYPES] + [instances.key(t) for t in TYPES] + \
         [outputs.key(c.name, t) for c, _ in run.extras for t in TYPES]
     stage_draws.sort(key=lambda d: order.index(d[0]))
-    for key, model, t, reqs, mean_prompt, mean_gen in stage_draws:
+    for key, model, t, reqs, tokens in stage_draws:
         total += t
-        n = float(np.median(reqs))
-        stages_out.append({"stage": key, "model": model, "seconds": _rounded(_pct(t)), "requests": int(round(n)),
-                           "tokens": {"prompt": int(round(n * mean_prompt)), "generated": int(round(n * mean_gen))}})
+        # tokens: the requests times their mean over resampled pilot requests
+        picks = rng.choice(np.array(tokens or [(0, 0)], dtype=float), size=(draws, max(1, len(tokens))))
+        stages_out.append({"stage": key, "model": model, "seconds": _rounded(_pct(t)), "requests": _rounded(_pct(reqs), 0),
+                           "tokens": {"prompt": _rounded(_pct(reqs * picks[:, :, 0].mean(axis=1)), 0),
+                                      "generated": _rounded(_pct(reqs * picks[:, :, 1].mean(axis=1)), 0)}})
     loads, peaks = {}, {}
     for e in manifest["events"]:
         if e["event"] == "free":
@@ -319,15 +319,17 @@ def print_table(fc: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("stage", "model", "requests", "prompt tokens", "generated tokens", "time (5-95%)",
-                  title=f"forecast: {fc['config']}, seed {fc['seed']}, "
-                        f"{' + '.join(f'{n} {t}' for t, n in fc['targets'].items())} instructions")
+    table = Table(title=f"forecast: {fc['config']}, seed {fc['seed']}, "
+                        f"{' + '.join(f'{n} {t}' for t, n in fc['targets'].items())} instructions",
+                  caption="requests and tokens: the median (--json has their 5-95% intervals too)")
+    for name in ("stage", "model", "requests", "tokens in", "tokens out", "time (5-95%)"):
+        table.add_column(name, no_wrap=True)
     for s in fc["stages"]:
-        table.add_row(s["stage"], s["model"], str(s["requests"]), str(s["tokens"]["prompt"]),
-                      str(s["tokens"]["generated"]), span(s["seconds"]))
+        table.add_row(s["stage"], s["model"], str(s["requests"]["mid"]), str(s["tokens"]["prompt"]["mid"]),
+                      str(s["tokens"]["generated"]["mid"]), span(s["seconds"]))
     table.add_row("loads, opening, ensemble", "", "", "", "",
                   clock(sum(x["seconds"] for x in fc["loads"]) + fc["other_seconds"]))
-    console = Console()
+    console = Console(width=max(Console().width, 130))  # one line per stage, also when piped
     console.print(table)
     f = fc["funnel"]
     console.print("funnel per type (5-95%): " + "; ".join(

@@ -88,7 +88,9 @@ def test_a_fake_pilot_predicts_its_own_run(tmp_path, monkeypatch):
     m = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert m["forecast"]["total_seconds"] == fc["total_seconds"] and m["wall_seconds"] <= wall + 0.1
     for s in fc["stages"]:
-        assert s["requests"] == pytest.approx(sum(m["timings"][s["stage"]]["finish"].values()), rel=0.5)
+        done = sum(m["timings"][s["stage"]]["finish"].values())
+        assert s["requests"]["low"] <= s["requests"]["mid"] <= s["requests"]["high"]
+        assert s["requests"]["mid"] == pytest.approx(done, rel=0.5)
 
 
 def test_a_forecast_of_another_setup_is_not_attached(tmp_path, monkeypatch):
@@ -112,6 +114,8 @@ def test_forecast_json_then_generate_keeps_forecast_vs_actual(tmp_path):
     assert set(fc["total_seconds"]) == {"low", "mid", "high"} == set(fc["kept"])
     for s in fc["stages"]:
         assert {"stage", "model", "seconds", "requests", "tokens"} <= set(s) and s["seconds"]["mid"] > 0
+        for d in (s["seconds"], s["requests"], s["tokens"]["prompt"], s["tokens"]["generated"]):
+            assert d["low"] <= d["mid"] <= d["high"]
     again = cli("forecast", "-c", CI, env=env)  # the table, from the cache
     assert again.returncode == 0 and "reused from" in again.stdout and "total" in again.stdout, again.stderr[-2000:]
     out = tmp_path / "run"
