@@ -173,6 +173,45 @@ def _rounded(d: dict, digits: int = 1) -> dict:
     return {k: round(v, digits) if digits else int(round(v)) for k, v in d.items()}
 
 
+def _instruction_draws(rng, run: Run, trace: list[dict], typ: str, target: int, draws: int):
+    """Per draw, the instruction stage of the full run, batch by batch as the stage asks for them:
+    (accepted instructions, requests, seconds), and the pilot's (prompt, generated) tokens per request."""
+    import numpy as np
+
+    card, c = run.generator[0], run.cfg.instructions
+    recs = instructions.records(run, typ)
+    got = np.array([sum(it["status"] == "accepted" or it.get("reason") == "over_target" for it in r["items"])
+                    for r in recs], dtype=float)  # what each request would add to a pool not yet full
+    if not len(got):
+        raise UserError(f"the pilot made no instruction requests of type {typ}")
+    if got.sum() == 0:
+        raise UserError(f"the pilot accepted no instruction of type {typ} in {len(got)} requests: "
+                        "this setup would make none; check the generator and [instructions]")
+    sizes, durations, prompt, gen = [], [], [], []
+    for batches in _stage_trace(trace, instructions.key(typ))[0]:
+        last = 0.0
+        for b in batches:
+            sizes.append(len(b["gen"]))
+            durations.append(b["t"] - last)
+            last = b["t"]
+            prompt += b["prompt"]
+            gen += b["gen"]
+    a, per = fit_batch_time(sizes, durations, slots(card))
+    w, max_requests = window(card), target * c.max_requests_factor
+    pool, reqs, seconds = np.zeros(draws), np.zeros(draws), np.zeros(draws)
+    cost = _cost_factor(rng, np.array(prompt) + np.array(gen), draws)
+    while True:
+        s = np.minimum.reduce([np.full(draws, w), max_requests - reqs, target - pool]).clip(min=0)
+        if not s.any():
+            break
+        width = int(s.max())
+        picks = rng.choice(got, size=(draws, width)) * (np.arange(width) < s[:, None])
+        pool = np.minimum(target, pool + picks.sum(axis=1))
+        reqs += s
+        seconds += batch_time(s, a, per, slots(card)) * cost
+    return pool, reqs, seconds, list(zip(prompt, gen))
+
+
 def predict(run: Run, trace: list[dict], targets: dict[str, int], draws: int = DRAWS, seed: int = 0) -> dict:
     """The full run's forecast from a finished pilot run directory and its trace."""
     import numpy as np
@@ -184,43 +223,11 @@ def predict(run: Run, trace: list[dict], targets: dict[str, int], draws: int = D
     total = np.zeros(draws)
     kept_total = np.zeros(draws)
     funnel = {}
-    c_instr = run.cfg.instructions
     for typ in TYPES:
         # ---- instructions: batches until the target
         recs = instructions.records(run, typ)
-        got = np.array([sum(it["status"] == "accepted" or it.get("reason") == "over_target" for it in r["items"])
-                        for r in recs], dtype=float)
-        if not len(got):
-            raise UserError(f"the pilot made no instruction requests of type {typ}")
-        if got.sum() == 0:
-            raise UserError(f"the pilot accepted no instruction of type {typ} in {len(got)} requests: "
-                            "this setup would make none; check the generator and [instructions]")
-        sessions, seconds, _ = _stage_trace(trace, instructions.key(typ))
-        sizes, durations, prompt, gen = [], [], [], []
-        for batches in sessions:
-            last = 0.0
-            for b in batches:
-                sizes.append(len(b["gen"]))
-                durations.append(b["t"] - last)
-                last = b["t"]
-                prompt += b["prompt"]
-                gen += b["gen"]
-        a, c = fit_batch_time(sizes, durations, slots(gen_card))
-        w, target = window(gen_card), targets[typ]
-        max_requests = target * c_instr.max_requests_factor
-        pool, reqs, t_instr = np.zeros(draws), np.zeros(draws), np.zeros(draws)
-        cost = _cost_factor(rng, np.array(prompt) + np.array(gen), draws)
-        while True:
-            s = np.minimum.reduce([np.full(draws, w), max_requests - reqs, target - pool]).clip(min=0)
-            if not s.any():
-                break
-            width = int(s.max())
-            picks = rng.choice(got, size=(draws, width)) * (np.arange(width) < s[:, None])
-            pool = np.minimum(target, pool + picks.sum(axis=1))
-            reqs += s
-            t_instr += batch_time(s, a, c, slots(gen_card)) * cost
-        accepted = pool
-        stage_draws.append((instructions.key(typ), gen_card.name, t_instr, reqs, list(zip(prompt, gen))))
+        accepted, reqs, t_instr, tokens = _instruction_draws(rng, run, trace, typ, targets[typ], draws)
+        stage_draws.append((instructions.key(typ), gen_card.name, t_instr, reqs, tokens))
         # ---- instances: the shared prefix once, then per request
         sessions, seconds, prefix = _stage_trace(trace, instances.key(typ))
         inst_reqs = _requests(sessions)
