@@ -89,7 +89,8 @@ def forecast(
         with contextlib.redirect_stdout(sys.stderr if as_json else sys.stdout):
             fc = fcast.run_pilot(config, num_instructions, seed, pilot, resume_command=_same_command())
     except KeyboardInterrupt:
-        raise InterruptedWhileOpening("stopped before the pilot started: nothing was generated") from None
+        raise InterruptedWhileOpening("stopped outside the pilot's stages: nothing is half-written; the same "
+                                      "command resumes the pilot") from None
     if as_json:
         print(fcast.as_json(fc))
     else:
