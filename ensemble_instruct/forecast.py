@@ -31,6 +31,7 @@ from pathlib import Path
 from .config import ModelCard
 from .errors import UserError
 from .rundir import TYPES, Run, fingerprint, open_existing, open_run, setup
+from .runner import clock
 from .stages import ensemble, instances, instructions, outputs
 from .store import append_jsonl, read_jsonl, write_json
 
@@ -312,11 +313,6 @@ def _beta_binomial(rng, n, yes: int, no: int):
 
 
 # ---------------------------------------------------------------- showing it
-
-def clock(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
 
 def span(d: dict, fmt=clock) -> str:
     return f"{fmt(d['mid'])} ({fmt(d['low'])}-{fmt(d['high'])})"

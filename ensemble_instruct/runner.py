@@ -106,6 +106,12 @@ class Meter:
         self.run.save_manifest()
 
 
+def clock(seconds: float) -> str:
+    """h:mm:ss, as the progress bars and `forecast` show times."""
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
 def eta(elapsed: float, advanced: int, remaining: int) -> str:
     """Time left at this session's average pace. (rich's own estimate looks at the last 30 s only: a
     batched backend finishes a batch's requests at once, and with batches over 30 s apart it read
@@ -114,8 +120,7 @@ def eta(elapsed: float, advanced: int, remaining: int) -> str:
         return "0:00:00"
     if advanced <= 0 or elapsed <= 0:
         return "-:--:--"
-    s = round(remaining * elapsed / advanced)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+    return clock(remaining * elapsed / advanced)
 
 
 def forecast_note(run: Run, key: str) -> str:
@@ -123,7 +128,7 @@ def forecast_note(run: Run, key: str) -> str:
     f = run.manifest.get("forecast", {}).get("stages", {}).get(key)
     if not f:
         return ""
-    return f" (forecast {eta(1, 1, round(f['mid']))})"
+    return f" (forecast {clock(f['mid'])})"
 
 
 @contextmanager
